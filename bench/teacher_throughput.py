@@ -1,0 +1,296 @@
+"""Teacher server throughput and latency against the in-process forward, measured in one run.
+
+Prints, for a compute-bound teacher (seeded torchvision resnet18 at 32 px, 32-image uint8
+requests) and a wire-bound one (pool + linear on 224 px views, 16-image requests):
+served images/s with 1, 4 and 8 concurrent client processes over HTTP and gRPC, as a ratio
+of the in-process forward of the same model and batch size; per-request latency p50/p99;
+a lone client's p50 against an unbatched server; bytes on the wire per image.
+
+Run (the README records the results):
+    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 \
+        .venv/bin/python bench/teacher_throughput.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import torch
+
+from teacher_server.archs import create_model
+from teacher_server.codec import tensor_to_wire
+from teacher_server.proto_codec import request_message
+from teacher_server.registry import RANDOM_INIT_SEED
+from teacher_server.views import normalize_views, to_unit_float
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    model_entry: dict[str, Any]
+    size: int
+    batch: int
+
+
+class PoolLinear(torch.nn.Module):
+    """A teacher whose forward is cheap next to moving its 224 px input."""
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def build_cases(workdir: Path) -> list[Case]:
+    torch.manual_seed(0)
+    archive = workdir / "pool_linear.pt"
+    torch.jit.script(PoolLinear().eval()).save(str(archive))
+    compute = {
+        "name": "resnet18",
+        "arch": "torchvision:resnet18",
+        "random_init": True,
+        "num_classes": 10,
+        "input_size": 32,
+        "mean": list(MEAN),
+        "std": list(STD),
+    }
+    wire = {
+        "name": "pool_linear",
+        "arch": f"file:{archive}",
+        "num_classes": 1000,
+        "input_size": 224,
+        "mean": list(MEAN),
+        "std": list(STD),
+    }
+    return [Case("compute-bound", compute, 32, 32), Case("wire-bound", wire, 224, 16)]
+
+
+def in_process_images_per_s(case: Case, seconds: float, threads: int) -> float:
+    """The student's alternative: the same model in process, same batch, preprocessing included."""
+    torch.set_num_threads(threads)
+    if case.model_entry["arch"].startswith("file:"):
+        model = torch.jit.load(case.model_entry["arch"][5:])
+    else:
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = create_model(case.model_entry["arch"], num_classes=case.model_entry["num_classes"])
+    mean, std = torch.tensor(MEAN), torch.tensor(STD)
+    images = torch.randint(0, 256, (case.batch, 3, case.size, case.size), dtype=torch.uint8)
+
+    def step() -> None:
+        with torch.inference_mode():
+            model(normalize_views(to_unit_float(images), mean, std))
+
+    for _ in range(3):
+        step()
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        step()
+        done += case.batch
+    return done / (time.perf_counter() - started)
+
+
+def start_server(
+    workdir: Path, case: Case, server: dict[str, Any], threads: int
+) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    config = {"server": {"http_port": 0, "grpc_port": 0, **server}, "models": [case.model_entry]}
+    path = workdir / "teacher.json"
+    path.write_text(json.dumps(config))
+    port_file = workdir / "ports.json"
+    port_file.unlink(missing_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "teacher_server",
+            "--config",
+            str(path),
+            "--port-file",
+            str(port_file),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+    )
+    while not port_file.exists():
+        if process.poll() is not None:
+            raise RuntimeError("teacher server exited during start-up")
+        time.sleep(0.05)
+    ports = json.loads(port_file.read_text())
+    import httpx
+
+    while httpx.get(f"{ports['http_url']}/readyz").status_code != 200:
+        time.sleep(0.1)
+    return process, ports
+
+
+def client_loop(
+    url: str, model: str, size: int, batch: int, seconds: float, start: Any, out: Any
+) -> None:
+    torch.set_num_threads(1)
+    from teacher_server.client import TeacherClient
+
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    latencies: list[float] = []
+    with TeacherClient.connect(url, model=model, max_request_bytes=1 << 30) as client:
+        for _ in range(3):
+            client.infer(images)
+        start.wait()
+        stop = time.perf_counter() + seconds
+        while time.perf_counter() < stop:
+            began = time.perf_counter()
+            client.infer(images, output_dtype="float16")
+            latencies.append(time.perf_counter() - began)
+    out.put(latencies)
+
+
+def measure_served(url: str, case: Case, clients: int, seconds: float) -> tuple[float, list[float]]:
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=client_loop,
+            args=(url, case.model_entry["name"], case.size, case.batch, seconds, start, out),
+        )
+        for _ in range(clients)
+    ]
+    for proc in procs:
+        proc.start()
+    time.sleep(2.0 + 0.3 * clients)
+    start.set()
+    latencies: list[float] = []
+    for _ in procs:
+        latencies.extend(out.get())
+    for proc in procs:
+        proc.join()
+    return len(latencies) * case.batch / seconds, latencies
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def wire_bytes(case: Case) -> dict[str, float]:
+    """Bytes per image of one request + its float16 answer, for both encodings."""
+    images = torch.zeros(case.batch, 3, case.size, case.size, dtype=torch.uint8)
+    classes = case.model_entry["num_classes"]
+    fields = {
+        "model": case.model_entry["name"],
+        "images": tensor_to_wire(images),
+        "output_dtype": "float16",
+        "request_id": "0" * 32,
+    }
+    answer = {
+        "model": case.model_entry["name"],
+        "request_id": "0" * 32,
+        "logits": tensor_to_wire(torch.zeros(case.batch, classes, dtype=torch.float16)),
+        "timings": {
+            "queue_ms": 1.0,
+            "compute_ms": 1.0,
+            "total_ms": 1.0,
+            "batch_sizes": [case.batch],
+        },
+    }
+    from teacher_server.proto_codec import response_message
+
+    http = len(msgpack.packb(fields)) + len(msgpack.packb(answer))
+    grpc_bytes = request_message(fields).ByteSize() + response_message(answer).ByteSize()
+    floor = 3 * case.size * case.size + 2 * classes
+    return {"floor": floor, "http": http / case.batch, "grpc": grpc_bytes / case.batch}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=6.0, help="measuring time per point")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
+    args = parser.parse_args()
+    threads = os.cpu_count() or 1
+    print(
+        f"machine: {threads} cores, torch {torch.__version__}; MALLOC_MMAP_THRESHOLD_="
+        f"{os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        for case in build_cases(workdir):
+            run_case(workdir, case, args.clients, args.seconds, threads)
+
+
+def run_case(
+    workdir: Path, case: Case, client_counts: list[int], seconds: float, threads: int
+) -> None:
+    baseline = in_process_images_per_s(case, seconds, threads)
+    print(
+        f"\n== {case.name}: {case.model_entry['arch'].split('/')[-1]} at {case.size} px, "
+        f"{case.batch}-image uint8 requests; in-process {baseline:.0f} img/s ({threads} threads)"
+    )
+    layouts = [
+        ("1 replica x 2 threads", {"replicas_per_device": 1, "threads_per_replica": threads}),
+        ("2 replicas x 1 thread", {"replicas_per_device": threads, "threads_per_replica": 1}),
+    ]
+    print(
+        f"{'server':24} {'wire':5} {'clients':>7} {'img/s':>8} {'ratio':>6} "
+        f"{'p50 ms':>8} {'p99 ms':>8}"
+    )
+    for label, layout in layouts:
+        server = {"max_batch_size": 256, "max_delay_ms": 2, **layout}
+        process, ports = start_server(workdir, case, server, layout["threads_per_replica"])
+        try:
+            for wire in ("http", "grpc"):
+                for clients in client_counts:
+                    rate, lat = measure_served(ports[f"{wire}_url"], case, clients, seconds)
+                    print(
+                        f"{label:24} {wire:5} {clients:>7} {rate:>8.0f} {rate / baseline:>6.2f} "
+                        f"{percentile(lat, 0.5) * 1e3:>8.1f} {percentile(lat, 0.99) * 1e3:>8.1f}",
+                        flush=True,
+                    )
+        finally:
+            process.terminate()
+            process.wait()
+    lone = {}
+    for label, server in (
+        ("batching", {"max_batch_size": 256, "max_delay_ms": 2}),
+        ("unbatched", {"max_batch_size": case.batch, "max_delay_ms": 0}),
+    ):
+        process, ports = start_server(
+            workdir, case, {**server, "threads_per_replica": threads}, threads
+        )
+        try:
+            _, lat = measure_served(ports["grpc_url"], case, 1, seconds)
+            lone[label] = statistics.median(lat)
+        finally:
+            process.terminate()
+            process.wait()
+    print(
+        f"lone client p50: batching server {lone['batching'] * 1e3:.1f} ms, unbatched "
+        f"{lone['unbatched'] * 1e3:.1f} ms (ratio {lone['batching'] / lone['unbatched']:.2f})"
+    )
+    sizes = wire_bytes(case)
+    print(
+        f"bytes per image (request + float16 answer): HTTP {sizes['http']:.0f}, "
+        f"gRPC {sizes['grpc']:.0f}; "
+        f"uint8 view + 2 x classes = {sizes['floor']:.0f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+"""kdserve student worker: trains a student against a remote teacher server."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,256 @@
+"""Dynamic batching for one model: a bounded queue of images feeding one worker per replica.
+
+Policy: a free replica starts at once when no replica of the model is busy (a lone student
+pays no batching delay); while another replica computes, it waits until max_batch_size
+images are queued or the oldest has waited max_delay_ms. Requests queue while a replica
+computes, so a busy server forms full batches on its own. Sizes count images, not requests;
+a request larger than max_batch_size is computed in several passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from teacher_server.engine import ModelRunner
+from teacher_server.errors import DeadlineExceeded, ModelFailure, NotReady, QueueFull, TeacherError
+from teacher_server.stats import ModelStats
+from teacher_server.views import Mix
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's images for one model; `on_done` is called exactly once, from any thread."""
+
+    images: torch.Tensor
+    mix: Mix | None
+    deadline: float
+    on_done: Callable[[Job], None]
+    enqueued_at: float = field(default_factory=time.monotonic)
+    logits: torch.Tensor | None = None
+    error: TeacherError | None = None
+    next_row: int = 0
+    rows_done: int = 0
+    started_at: float | None = None
+    compute_s: float = 0.0
+    batch_sizes: list[int] = field(default_factory=list)
+    finished: bool = False
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[0])
+
+
+Chunk = tuple[Job, int, int]
+
+
+class Batcher:
+    """Queue + worker threads of one served model (one thread per replica)."""
+
+    def __init__(
+        self,
+        name: str,
+        runners: Sequence[ModelRunner],
+        *,
+        max_batch_size: int,
+        max_delay_ms: float,
+        max_queue_images: int,
+    ) -> None:
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_ms / 1000.0
+        self.max_queue_images = max_queue_images
+        self.stats = ModelStats(name, pending_images=lambda: self._queued_images)
+        self._runners = list(runners)
+        self._cond = threading.Condition()
+        self._queue: deque[Job] = deque()
+        self._queued_images = 0
+        self._busy = 0
+        self._closed = False
+        self._seconds_per_image = 0.0
+        self._threads = [
+            threading.Thread(
+                target=self._work, args=(runner,), name=f"kdserve-{name}-{i}", daemon=True
+            )
+            for i, runner in enumerate(self._runners)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Enqueue or raise QueueFull (with a retry hint) / NotReady; never blocks."""
+        with self._cond:
+            if self._closed:
+                raise NotReady(f"model {self.name!r} is shutting down")
+            if self._queued_images and self._queued_images + job.size > self.max_queue_images:
+                retry = self._retry_after_s()
+                raise QueueFull(
+                    f"model {self.name!r} has {self._queued_images} images queued "
+                    f"(max_queue_images {self.max_queue_images}); retry in {retry:.2f}s",
+                    retry_after_s=retry,
+                )
+            self._queue.append(job)
+            self._queued_images += job.size
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Forget a job whose caller went away; rows not started are never computed."""
+        with self._cond:
+            if job.finished:
+                return
+            job.finished = True
+            if job in self._queue:
+                self._queue.remove(job)
+                self._queued_images -= job.size - job.next_row
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the workers after their current batch; fail what is still queued with NotReady."""
+        with self._cond:
+            self._closed = True
+            dropped = list(self._queue)
+            self._queue.clear()
+            self._queued_images = 0
+            self._cond.notify_all()
+        for job in dropped:
+            self._fail(job, NotReady(f"model {self.name!r} shut down before this request ran"))
+        for thread in self._threads:
+            thread.join(timeout_s)
+
+    def _retry_after_s(self) -> float:
+        backlog = self._queued_images * self._seconds_per_image / len(self._runners)
+        return min(5.0, max(0.01, backlog))
+
+    def _work(self, runner: ModelRunner) -> None:
+        while True:
+            chunks = self._gather()
+            if chunks is None:
+                return
+            try:
+                self._compute(runner, chunks)
+            finally:
+                with self._cond:
+                    self._busy -= 1
+                    self._cond.notify_all()
+
+    def _gather(self) -> list[Chunk] | None:
+        """Block until a batch should start (see the module doc); None once closed."""
+        while True:
+            with self._cond:
+                while True:
+                    now = time.monotonic()
+                    expired = self._pop_expired(now)
+                    if self._closed or expired:
+                        break
+                    if self._queued_images == 0:
+                        self._cond.wait()
+                        continue
+                    wait = self._queue[0].enqueued_at + self.max_delay_s - now
+                    if self._queued_images >= self.max_batch_size or self._busy == 0 or wait <= 0:
+                        break
+                    self._cond.wait(wait)
+                chunks = [] if self._closed else self._take(now)
+                if chunks:
+                    self._busy += 1
+            for job in expired:
+                self._fail(
+                    job,
+                    DeadlineExceeded(
+                        f"request waited {now - job.enqueued_at:.3f}s in model {self.name!r}'s "
+                        "queue, past its deadline; it was not computed"
+                    ),
+                )
+            if chunks:
+                return chunks
+            if self._closed:
+                return None
+
+    def _pop_expired(self, now: float) -> list[Job]:
+        expired = [job for job in self._queue if job.deadline <= now]
+        for job in expired:
+            self._queue.remove(job)
+            self._queued_images -= job.size - job.next_row
+        return expired
+
+    def _take(self, now: float) -> list[Chunk]:
+        chunks: list[Chunk] = []
+        capacity = self.max_batch_size
+        while self._queue and capacity:
+            job = self._queue[0]
+            if job.started_at is None:
+                job.started_at = now
+                self.stats.record_queue(now - job.enqueued_at)
+            take = min(job.size - job.next_row, capacity)
+            chunks.append((job, job.next_row, job.next_row + take))
+            job.next_row += take
+            capacity -= take
+            self._queued_images -= take
+            if job.next_row == job.size:
+                self._queue.popleft()
+        return chunks
+
+    def _compute(self, runner: ModelRunner, chunks: list[Chunk]) -> None:
+        started = time.monotonic()
+        try:
+            views = [
+                runner.prepare(job.images, start, stop, job.mix) for job, start, stop in chunks
+            ]
+            logits = runner.forward(views[0] if len(views) == 1 else torch.cat(views))
+        except Exception as exc:
+            if len(chunks) > 1:
+                log.warning(
+                    "model %r failed on a batch of %d requests; retrying each alone: %s",
+                    self.name,
+                    len(chunks),
+                    exc,
+                )
+                for chunk in chunks:
+                    self._compute(runner, [chunk])
+                return
+            log.exception("model %r failed on a request", self.name)
+            self._fail(
+                chunks[0][0],
+                ModelFailure(f"model {self.name!r} failed: {type(exc).__name__}: {exc}"),
+            )
+            return
+        elapsed = time.monotonic() - started
+        batch_size = int(logits.shape[0])
+        self.stats.record_execution(batch_size, elapsed)
+        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / batch_size
+        done: list[Job] = []
+        offset = 0
+        with self._cond:
+            for job, start, stop in chunks:
+                rows = logits[offset : offset + stop - start]
+                offset += stop - start
+                if job.finished:
+                    continue
+                if job.logits is None:
+                    job.logits = torch.empty((job.size, rows.shape[1]), dtype=torch.float32)
+                job.logits[start:stop] = rows
+                job.rows_done += stop - start
+                job.compute_s += elapsed
+                job.batch_sizes.append(batch_size)
+                if job.rows_done == job.size:
+                    job.finished = True
+                    done.append(job)
+        for job in done:
+            job.on_done(job)
+
+    def _fail(self, job: Job, error: TeacherError) -> None:
+        with self._cond:
+            if job.finished:
+                return
+            job.finished = True
+            job.error = error
+            if job in self._queue:
+                self._queue.remove(job)
+                self._queued_images -= job.size - job.next_row
+        job.on_done(job)

@@ -1,0 +1,250 @@
+"""Teacher server configuration: pydantic models loaded from YAML, then env, then CLI flags."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+AUTH_TOKEN_ENV = "KDSERVE_AUTH_TOKEN"
+ENV_PREFIX = "KDSERVE_SERVER__"
+
+ModelDtype = Literal["float32", "float16", "bfloat16"]
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the file, the field and the value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    """Where the server listens and how it batches."""
+
+    host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    device: str | list[str] = "cpu"
+    replicas_per_device: int = Field(1, ge=1, le=64)
+    threads_per_replica: int | None = Field(None, ge=1)
+    max_batch_size: int = Field(256, ge=1)
+    max_delay_ms: float = Field(2.0, ge=0)
+    max_queue_images: int = Field(4096, ge=1)
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    request_timeout_s: float = Field(30.0, gt=0)
+    auth_token: SecretStr | None = None
+
+    @field_validator("device")
+    @classmethod
+    def _check_devices(cls, value: str | list[str]) -> str | list[str]:
+        for device in [value] if isinstance(value, str) else value:
+            if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
+                raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+        if isinstance(value, list) and not value:
+            raise ValueError("device list is empty")
+        return value
+
+    @property
+    def devices(self) -> list[str]:
+        return [self.device] if isinstance(self.device, str) else list(self.device)
+
+
+class ModelConfig(_Strict):
+    """One served network: its architecture by registry name, weights and input contract."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    arch: str = Field(min_length=1)
+    weights: Path | None = None
+    random_init: bool = False
+    num_classes: int = Field(ge=1)
+    input_size: tuple[int, int]
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    dtype: ModelDtype = "float32"
+    channels_last: bool = False
+    compile: bool = False
+
+    @field_validator("input_size", mode="before")
+    @classmethod
+    def _square_size(cls, value: Any) -> Any:
+        return (value, value) if isinstance(value, int) else value
+
+    @field_validator("input_size")
+    @classmethod
+    def _positive_size(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 1:
+            raise ValueError(f"input_size must be positive, got {list(value)}")
+        return value
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(value) <= 0:
+            raise ValueError(f"std must be > 0 per channel, got {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _weights_or_random(self) -> ModelConfig:
+        carries_weights = self.arch.startswith("file:")
+        if self.weights is None and not self.random_init and not carries_weights:
+            raise ValueError(
+                f"model {self.name!r} has no weights; set `weights: path` "
+                "(or `random_init: true`, for tests and benchmarks only)"
+            )
+        if carries_weights and self.random_init:
+            raise ValueError(
+                f"model {self.name!r} is a file archive with its own weights; drop random_init"
+            )
+        if self.weights is not None and self.random_init:
+            raise ValueError(f"model {self.name!r} sets both weights and random_init: true")
+        return self
+
+
+class EnsembleConfig(_Strict):
+    """Several served models answering as one; combined at temperature 1, then tempered."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    members: list[str] = Field(min_length=1)
+    weights: list[float] | None = None
+    combine: Literal["mean_logits", "mean_probs"] = "mean_logits"
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> EnsembleConfig:
+        if self.weights is not None:
+            if len(self.weights) != len(self.members):
+                raise ValueError(
+                    f"ensemble {self.name!r} has {len(self.members)} members but "
+                    f"{len(self.weights)} weights"
+                )
+            if min(self.weights) < 0 or sum(self.weights) <= 0:
+                raise ValueError(
+                    f"ensemble {self.name!r} weights must be >= 0 with a positive sum, "
+                    f"got {self.weights}"
+                )
+        return self
+
+    @property
+    def member_weights(self) -> list[float]:
+        return self.weights if self.weights is not None else [1.0] * len(self.members)
+
+
+class TeacherConfig(_Strict):
+    """The whole teacher server configuration file."""
+
+    server: ServerConfig = ServerConfig()
+    models: list[ModelConfig] = Field(min_length=1)
+    ensembles: list[EnsembleConfig] = []
+
+    @model_validator(mode="after")
+    def _names_resolve(self) -> TeacherConfig:
+        models = {m.name: m for m in self.models}
+        names = [m.name for m in self.models] + [e.name for e in self.ensembles]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"names must be unique across models and ensembles: {duplicates}")
+        for ensemble in self.ensembles:
+            unknown = [m for m in ensemble.members if m not in models]
+            if unknown:
+                raise ValueError(
+                    f"ensemble {ensemble.name!r} names unknown members {unknown}; "
+                    f"models are {sorted(models)}"
+                )
+            classes = {models[m].num_classes for m in ensemble.members}
+            if len(classes) > 1:
+                raise ValueError(
+                    f"ensemble {ensemble.name!r} members disagree on num_classes: {sorted(classes)}"
+                )
+        return self
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        value = item.get("input")
+        shown = "" if isinstance(value, Mapping) else f" (got {value!r})"
+        lines.append(f"  {where}: {item['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """KDSERVE_SERVER__MAX_BATCH_SIZE=64 -> {"max_batch_size": "64"}; plus KDSERVE_AUTH_TOKEN."""
+    overrides: dict[str, Any] = {
+        key[len(ENV_PREFIX) :].lower(): value
+        for key, value in environ.items()
+        if key.startswith(ENV_PREFIX)
+    }
+    if environ.get(AUTH_TOKEN_ENV):
+        overrides.setdefault("auth_token", environ[AUTH_TOKEN_ENV])
+    for key in ("device",):
+        if key in overrides and "," in overrides[key]:
+            overrides[key] = overrides[key].split(",")
+    return overrides
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    """Weights paths in a file are relative to that file; `file:` archs too."""
+    for model in raw.get("models") or []:
+        if not isinstance(model, dict):
+            continue
+        weights = model.get("weights")
+        if isinstance(weights, str) and not Path(weights).is_absolute():
+            model["weights"] = str(base / weights)
+        arch = model.get("arch")
+        if isinstance(arch, str) and arch.startswith("file:") and not Path(arch[5:]).is_absolute():
+            model["arch"] = "file:" + str(base / arch[5:])
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    data: Mapping[str, Any] | None = None,
+    server_overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> TeacherConfig:
+    """Read YAML (or `data`), apply KDSERVE_SERVER__* env vars, then CLI overrides, and validate.
+
+    Precedence: CLI flags > environment > file > defaults.
+    """
+    source = str(path) if path is not None else "<dict>"
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict | None):
+            raise ConfigError(
+                f"config file {path} must hold a mapping, got {type(loaded).__name__}"
+            )
+        raw: dict[str, Any] = dict(loaded or {})
+        _resolve_paths(raw, Path(path).resolve().parent)
+    else:
+        raw = dict(data or {})
+    server = dict(raw.get("server") or {})
+    server.update(_env_overrides(os.environ if environ is None else environ))
+    server.update({k: v for k, v in (server_overrides or {}).items() if v is not None})
+    raw["server"] = server
+    try:
+        return TeacherConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None

@@ -1,0 +1,184 @@
+"""The request lifecycle both transports share: authorize, look up, queue, combine, temper.
+
+A transport decodes its message into an `InferRequest` (codec), calls `TeacherCore.infer`,
+and encodes the `InferResult`; every failure is a `TeacherError` from the one error table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from teacher_server.batcher import Job
+from teacher_server.codec import InferRequest, InferResult, Timings, parse_request
+from teacher_server.config import TeacherConfig
+from teacher_server.engine import combine_members, finish_outputs
+from teacher_server.errors import (
+    DeadlineExceeded,
+    InvalidRequest,
+    ModelFailure,
+    QueueFull,
+    TeacherError,
+    Unauthenticated,
+)
+from teacher_server.registry import Registry, Served, ServedEnsemble, ServedModel
+
+_OUTCOMES: dict[type[TeacherError], str] = {
+    QueueFull: "queue_full",
+    DeadlineExceeded: "deadline_exceeded",
+    ModelFailure: "failed",
+    InvalidRequest: "invalid",
+}
+
+
+class TeacherCore:
+    """One inference core behind HTTP and gRPC."""
+
+    def __init__(self, config: TeacherConfig, registry: Registry) -> None:
+        self.config = config
+        self.registry = registry
+        token = config.server.auth_token
+        self._token = None if token is None else token.get_secret_value().encode()
+
+    def authorize(self, authorization: str | None) -> None:
+        """Check an `Authorization: Bearer <token>` value when the server has a token."""
+        if self._token is None:
+            return
+        if not authorization:
+            raise Unauthenticated("missing token: send `authorization: Bearer <token>`")
+        scheme, _, presented = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            presented.strip().encode(), self._token
+        ):
+            raise Unauthenticated("wrong token in `authorization` (expected `Bearer <token>`)")
+
+    async def infer(
+        self,
+        fields: Mapping[str, Any],
+        *,
+        path_model: str | None = None,
+        timeout_s: float | None = None,
+    ) -> InferResult:
+        """Validate a decoded request, queue it on every member model, wait, combine, temper."""
+        received = time.monotonic()
+        try:
+            request = parse_request(fields, path_model=path_model)
+        except InvalidRequest:
+            name = fields.get("model") if isinstance(fields, Mapping) else None
+            self.registry.record_invalid(name or path_model)
+            raise
+        target = self.registry.get(request.model)
+        try:
+            result = await self._infer(target, request, received, timeout_s)
+        except TeacherError as exc:
+            target.stats.record_outcome(_OUTCOMES.get(type(exc), "rejected"))
+            raise
+        except asyncio.CancelledError:
+            target.stats.record_outcome("cancelled")
+            raise
+        target.stats.record_outcome("ok", images=int(request.images.shape[0]))
+        return result
+
+    async def _infer(
+        self, target: Served, request: InferRequest, received: float, timeout_s: float | None
+    ) -> InferResult:
+        if request.top_k is not None and request.top_k > target.num_classes:
+            raise InvalidRequest(
+                f"top_k must be <= num_classes ({target.num_classes}), got {request.top_k}"
+            )
+        limit = self.config.server.request_timeout_s
+        if timeout_s is not None and math.isfinite(timeout_s):
+            limit = min(limit, timeout_s)
+        deadline = received + limit
+        loop = asyncio.get_running_loop()
+        submitted: list[tuple[Job, ServedModel]] = []
+        futures: list[asyncio.Future[Job]] = []
+        try:
+            for member in target.members:
+                future: asyncio.Future[Job] = loop.create_future()
+                job = Job(
+                    request.images,
+                    request.mix,
+                    deadline,
+                    _resolver(loop, future),
+                    enqueued_at=received,
+                )
+                member.batcher.submit(job)
+                submitted.append((job, member))
+                futures.append(future)
+            jobs = await asyncio.gather(*futures)
+        except BaseException:
+            for job, member in submitted:
+                member.batcher.cancel(job)
+            raise
+        for job in jobs:
+            if job.error is not None:
+                raise job.error
+        member_logits = [job.logits for job in jobs if job.logits is not None]
+        if isinstance(target, ServedEnsemble):
+            raw = combine_members(member_logits, target.member_weights, target.config.combine)
+        else:
+            raw = member_logits[0]
+        outputs = finish_outputs(
+            raw,
+            temperature=request.temperature,
+            output=request.output,
+            output_dtype=request.output_dtype,
+            top_k=request.top_k,
+        )
+        return InferResult(
+            model=target.name,
+            request_id=request.request_id,
+            logits=outputs.full,
+            top_k_values=outputs.top_k_values,
+            top_k_indices=outputs.top_k_indices,
+            timings=_timings(jobs, received),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """Models plus the limits a client needs (e.g. to chunk big batches)."""
+        server = self.config.server
+        return {
+            "models": self.registry.describe(),
+            "limits": {
+                "max_request_bytes": server.max_request_bytes,
+                "max_batch_size": server.max_batch_size,
+                "max_queue_images": server.max_queue_images,
+            },
+        }
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "ready": self.registry.ready,
+            "models": {s.name: s.snapshot() for s in self.registry.all_stats()},
+        }
+
+
+def _resolver(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future[Job]
+) -> Callable[[Job], None]:
+    """Called by a batcher thread when a job is done; hands the job back to the event loop."""
+
+    def on_done(job: Job) -> None:
+        loop.call_soon_threadsafe(_settle, future, job)
+
+    return on_done
+
+
+def _settle(future: asyncio.Future[Job], job: Job) -> None:
+    if not future.done():
+        future.set_result(job)
+
+
+def _timings(jobs: list[Job], received: float) -> Timings:
+    started = min((j.started_at for j in jobs if j.started_at is not None), default=received)
+    return Timings(
+        queue_ms=(started - received) * 1000.0,
+        compute_ms=max(j.compute_s for j in jobs) * 1000.0,
+        total_ms=(time.monotonic() - received) * 1000.0,
+        batch_sizes=[size for j in jobs for size in j.batch_sizes],
+    )

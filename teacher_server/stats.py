@@ -1,0 +1,154 @@
+"""Serving statistics per model, shown as JSON (`GET /v1/stats`) and Prometheus (`GET /metrics`).
+
+The set follows Triton's: inference count vs execution count (mean batch size), queue and
+compute time, pending images, and requests by outcome.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class _Histogram:
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        index = next((i for i, bound in enumerate(self.bounds) if value <= bound), len(self.bounds))
+        self.counts[index] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        running, buckets = 0, []
+        for bound, count in zip([*map(str, self.bounds), "+Inf"], self.counts, strict=True):
+            running += count
+            buckets.append((bound, float(running)))
+        return buckets
+
+
+class ModelStats:
+    """Counters of one served model; thread-safe (batcher workers and the event loop write)."""
+
+    def __init__(self, name: str, pending_images: Callable[[], int] = lambda: 0) -> None:
+        self.name = name
+        self._pending_images = pending_images
+        self._lock = threading.Lock()
+        self.outcomes: Counter[str] = Counter()
+        self.images = 0
+        self.executions = 0
+        self.executed_images = 0
+        self.batch_sizes: Counter[int] = Counter()
+        self._batch_hist = _Histogram(BATCH_BUCKETS)
+        self._queue_hist = _Histogram(SECONDS_BUCKETS)
+        self._compute_hist = _Histogram(SECONDS_BUCKETS)
+
+    def record_outcome(self, outcome: str, images: int = 0) -> None:
+        with self._lock:
+            self.outcomes[outcome] += 1
+            if outcome == "ok":
+                self.images += images
+
+    def record_queue(self, seconds: float) -> None:
+        with self._lock:
+            self._queue_hist.observe(seconds)
+
+    def record_execution(self, batch_size: int, seconds: float) -> None:
+        with self._lock:
+            self.executions += 1
+            self.executed_images += batch_size
+            self.batch_sizes[batch_size] += 1
+            self._batch_hist.observe(batch_size)
+            self._compute_hist.observe(seconds)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "requests": dict(self.outcomes),
+                "images": self.images,
+                "executions": self.executions,
+                "executed_images": self.executed_images,
+                "mean_batch_size": self.executed_images / self.executions
+                if self.executions
+                else 0.0,
+                "max_batch_size": max(self.batch_sizes, default=0),
+                "batch_size_histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                "queue_seconds_total": self._queue_hist.total,
+                "compute_seconds_total": self._compute_hist.total,
+                "pending_images": self._pending_images(),
+            }
+
+    def metrics(self) -> Iterator[tuple[str, Metric]]:
+        with self._lock:
+            yield (
+                "executions",
+                self._counter("executions", "forward passes (batches)", self.executions),
+            )
+            yield "images", self._counter("inference_images", "images answered", self.images)
+            yield (
+                "batch",
+                self._histogram("batch_size", "images per forward pass", self._batch_hist),
+            )
+            yield (
+                "queue",
+                self._histogram(
+                    "queue_seconds", "time from enqueue to first forward", self._queue_hist
+                ),
+            )
+            yield (
+                "compute",
+                self._histogram("compute_seconds", "forward pass time", self._compute_hist),
+            )
+            requests = CounterMetricFamily(
+                "kdserve_inference_requests", "requests by outcome", labels=["model", "outcome"]
+            )
+            for outcome, count in sorted(self.outcomes.items()):
+                requests.add_metric([self.name, outcome], count)
+            yield "requests", requests
+        pending = GaugeMetricFamily(
+            "kdserve_pending_images", "images waiting in the queue", labels=["model"]
+        )
+        pending.add_metric([self.name], self._pending_images())
+        yield "pending", pending
+
+    def _counter(self, name: str, doc: str, value: float) -> CounterMetricFamily:
+        family = CounterMetricFamily(f"kdserve_{name}", doc, labels=["model"])
+        family.add_metric([self.name], value)
+        return family
+
+    def _histogram(self, name: str, doc: str, hist: _Histogram) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(f"kdserve_{name}", doc, labels=["model"])
+        family.add_metric([self.name], hist.cumulative(), sum_value=hist.total)
+        return family
+
+
+class StatsCollector(Collector):
+    """Prometheus view of every model's stats; metrics of one name are merged across models."""
+
+    def __init__(self, models: Callable[[], Iterable[ModelStats]]) -> None:
+        self._models = models
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for stats in self._models():
+            for key, family in stats.metrics():
+                if key in merged:
+                    merged[key].samples.extend(family.samples)
+                else:
+                    merged[key] = family
+        yield from merged.values()

@@ -1,0 +1,77 @@
+"""Pixel arithmetic both sides must do bit-identically: unit float, mixup/cutmix, resize, normalize.
+
+The student builds its float view with these functions and the server rebuilds the same view
+from the same uint8 pixels and mix parameters, so teacher and student see one image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+MixMode = Literal["mixup", "cutmix"]
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Mixup/cutmix parameters of one request; `perm[i]` is the partner of image i.
+
+    mixup: view_i = lam * x_i + (1 - lam) * x_perm[i].
+    cutmix: view_i = x_i with the box [y0:y1, x0:x1] pasted from x_perm[i]; lam is the kept
+    area fraction, so the mixed label is lam * y_i + (1 - lam) * y_perm[i] in both modes.
+    """
+
+    mode: MixMode
+    perm: tuple[int, ...]
+    lam: float = 1.0
+    box: tuple[int, int, int, int] | None = None
+
+    @classmethod
+    def cutmix(
+        cls, perm: tuple[int, ...], box: tuple[int, int, int, int], height: int, width: int
+    ) -> Mix:
+        """A cutmix whose `lam` is the kept area fraction of a (height, width) view."""
+        y0, x0, y1, x1 = box
+        kept = 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
+        return cls("cutmix", perm, lam=kept, box=box)
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels in [0, 255] -> float32 in [0, 1]; float pixels -> float32."""
+    if images.dtype == torch.uint8:
+        return images.to(torch.float32).div_(255.0)
+    return images.to(torch.float32)
+
+
+def apply_mix(views: torch.Tensor, partners: torch.Tensor, mix: Mix) -> torch.Tensor:
+    """Mix unit-float `views` with their `partners` (partners[i] is x_perm[i], same shape)."""
+    if mix.mode == "mixup":
+        return views * mix.lam + partners * (1.0 - mix.lam)
+    if mix.box is None:
+        raise ValueError("cutmix needs a box")
+    y0, x0, y1, x1 = mix.box
+    mixed = views.clone()
+    mixed[:, :, y0:y1, x0:x1] = partners[:, :, y0:y1, x0:x1]
+    return mixed
+
+
+def mix_views(views: torch.Tensor, mix: Mix) -> torch.Tensor:
+    """Mix a whole request's unit-float views, as the server does before any batching."""
+    perm = torch.as_tensor(mix.perm, dtype=torch.long, device=views.device)
+    return apply_mix(views, views.index_select(0, perm), mix)
+
+
+def resize_views(views: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize unit-float views to a model's (H, W): bilinear with antialias; no-op when equal."""
+    if tuple(views.shape[-2:]) == tuple(size):
+        return views
+    return torch.nn.functional.interpolate(
+        views, size=size, mode="bilinear", antialias=True, align_corners=False
+    )
+
+
+def normalize_views(views: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std per channel; mean and std are (3,) tensors on the views' device."""
+    return (views - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)

@@ -1,0 +1,302 @@
+"""Every row of the error table, on both transports, and the server still answers afterwards."""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import grpc
+import httpx
+import msgpack
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from teacher_server._proto import teacher_pb2_grpc
+from teacher_server.client import TeacherClient
+from teacher_server.codec import tensor_to_wire
+from teacher_server.proto_codec import request_message
+from teacher_server.server import ServerThread
+from tests.archives import save_slow
+from tests.conftest import TOKEN, model_stats, occupy_slow_model, running_server, teacher_config
+
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+GRPC_AUTH = (("authorization", f"Bearer {TOKEN}"),)
+
+
+def good_fields(model: str = "small", n: int = 2, value: int = 100) -> dict[str, Any]:
+    images = torch.full((n, 3, 32, 32), value, dtype=torch.uint8)
+    return {"model": model, "images": tensor_to_wire(images)}
+
+
+def post(
+    server: ServerThread,
+    fields: Any,
+    *,
+    model: str = "small",
+    headers: dict[str, str] | None = None,
+    raw: bytes | None = None,
+) -> httpx.Response:
+    body = raw if raw is not None else msgpack.packb(fields, use_bin_type=True)
+    all_headers = {"content-type": "application/msgpack", **AUTH, **(headers or {})}
+    return httpx.post(
+        f"{server.endpoints.http_url}/v1/models/{model}/infer",
+        content=body,
+        headers=all_headers,
+        timeout=30,
+    )
+
+
+def grpc_call(
+    server: ServerThread, fields: dict[str, Any], *, metadata: Any = GRPC_AUTH, timeout: float = 30
+) -> grpc.StatusCode:
+    """The status of a raw gRPC Infer call (OK when it answered)."""
+    with grpc.insecure_channel(f"127.0.0.1:{server.endpoints.grpc_port}") as channel:
+        stub = teacher_pb2_grpc.TeacherStub(channel)
+        try:
+            stub.Infer(request_message(fields), metadata=metadata, timeout=timeout)
+        except grpc.RpcError as exc:
+            return exc.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+def assert_still_serving(server: ServerThread) -> None:
+    assert post(server, good_fields()).status_code == 200
+    assert grpc_call(server, good_fields()) == grpc.StatusCode.OK
+
+
+BAD_REQUESTS: list[tuple[str, Any]] = [
+    ("not a map", [1, 2, 3]),
+    ("unknown field", {**good_fields(), "temprature": 2.0}),
+    (
+        "bad dtype",
+        {
+            **good_fields(),
+            "images": {
+                **tensor_to_wire(torch.zeros(2, 3, 8, 8, dtype=torch.uint8)),
+                "dtype": "int64",
+            },
+        },
+    ),
+    (
+        "bad shape",
+        {**good_fields(), "images": tensor_to_wire(torch.zeros(2, 8, 8, dtype=torch.uint8))},
+    ),
+    (
+        "four channels",
+        {**good_fields(), "images": tensor_to_wire(torch.zeros(2, 4, 8, 8, dtype=torch.uint8))},
+    ),
+    (
+        "length mismatch",
+        {
+            **good_fields(),
+            "images": {
+                **tensor_to_wire(torch.zeros(2, 3, 8, 8, dtype=torch.uint8)),
+                "shape": [2, 3, 8, 9],
+            },
+        },
+    ),
+    (
+        "empty batch",
+        {**good_fields(), "images": tensor_to_wire(torch.zeros(0, 3, 8, 8, dtype=torch.uint8))},
+    ),
+    ("zero temperature", {**good_fields(), "temperature": 0.0}),
+    ("negative temperature", {**good_fields(), "temperature": -1.0}),
+    ("nan temperature", {**good_fields(), "temperature": math.nan}),
+    ("float above one", {**good_fields(), "images": tensor_to_wire(torch.full((1, 3, 8, 8), 2.0))}),
+    ("bad output", {**good_fields(), "output": "softmax"}),
+    ("bad output dtype", {**good_fields(), "output_dtype": "int8"}),
+    ("top_k above classes", {**good_fields(), "top_k": 11}),
+    ("perm out of range", {**good_fields(), "mix": {"mode": "mixup", "perm": [0, 5], "lam": 0.5}}),
+    ("lam above one", {**good_fields(), "mix": {"mode": "mixup", "perm": [1, 0], "lam": 1.5}}),
+    (
+        "box outside",
+        {**good_fields(), "mix": {"mode": "cutmix", "perm": [1, 0], "box": [0, 0, 33, 10]}},
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "fields"), BAD_REQUESTS, ids=[c for c, _ in BAD_REQUESTS])
+def test_bad_request_is_400_over_http(strict_server: ServerThread, case: str, fields: Any) -> None:
+    response = post(strict_server, fields)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "INVALID_ARGUMENT"
+    assert response.json()["error"]["message"]
+
+
+GRPC_CASES = [c for c in BAD_REQUESTS if c[0] not in ("not a map", "unknown field")]
+
+
+@pytest.mark.parametrize(("case", "fields"), GRPC_CASES, ids=[c for c, _ in GRPC_CASES])
+def test_bad_request_is_invalid_argument_over_grpc(
+    strict_server: ServerThread, case: str, fields: Any
+) -> None:
+    assert grpc_call(strict_server, fields) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_malformed_bodies(strict_server: ServerThread) -> None:
+    assert post(strict_server, None, raw=b"\xc1\xff not msgpack").status_code == 400
+    assert (
+        post(strict_server, None, raw=msgpack.packb(good_fields()) + b"trailing").status_code == 400
+    )
+    wrong_type = post(strict_server, good_fields(), headers={"content-type": "application/json"})
+    assert wrong_type.status_code == 400 and "content-type" in wrong_type.json()["error"]["message"]
+    mismatch = post(strict_server, good_fields(model="wide"), model="small")
+    assert mismatch.status_code == 400
+    assert_still_serving(strict_server)
+
+
+def test_error_messages_name_field_and_value(strict_server: ServerThread) -> None:
+    message = post(strict_server, {**good_fields(), "temperature": -3.0}).json()["error"]["message"]
+    assert "temperature" in message and "-3.0" in message
+    shape = {**tensor_to_wire(torch.zeros(2, 3, 8, 8, dtype=torch.uint8)), "shape": [2, 3, 8, 9]}
+    message = post(strict_server, {**good_fields(), "images": shape}).json()["error"]["message"]
+    assert "384 bytes" in message and "[2, 3, 8, 9]" in message
+
+
+def test_unknown_model_is_404_not_found(strict_server: ServerThread) -> None:
+    response = post(strict_server, good_fields(model="nope"), model="nope")
+    assert response.status_code == 404
+    assert "small" in response.json()["error"]["message"]
+    assert grpc_call(strict_server, good_fields(model="nope")) == grpc.StatusCode.NOT_FOUND
+
+
+def test_token_is_required(strict_server: ServerThread) -> None:
+    url = strict_server.endpoints.http_url
+    no_token = httpx.post(
+        f"{url}/v1/models/small/infer",
+        content=msgpack.packb(good_fields()),
+        headers={"content-type": "application/msgpack"},
+    )
+    assert no_token.status_code == 401
+    wrong = post(strict_server, good_fields(), headers={"authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    assert httpx.get(f"{url}/v1/models").status_code == 401
+    assert httpx.get(f"{url}/v1/models", headers=AUTH).status_code == 200
+    assert httpx.get(f"{url}/healthz").status_code == 200
+    assert httpx.get(f"{url}/readyz").status_code == 200
+    assert grpc_call(strict_server, good_fields(), metadata=()) == grpc.StatusCode.UNAUTHENTICATED
+    assert grpc_call(strict_server, good_fields(), metadata=(("authorization", "Bearer x"),)) == (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
+    with TeacherClient.connect(
+        strict_server.endpoints.grpc_url, token=TOKEN, model="small"
+    ) as client:
+        assert client.infer(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 10)
+    assert_still_serving(strict_server)
+
+
+def test_oversized_body_is_413_resource_exhausted(strict_server: ServerThread) -> None:
+    fields = good_fields(n=70)
+    assert len(msgpack.packb(fields)) > 200_000
+    response = post(strict_server, fields)
+    assert response.status_code == 413
+    assert grpc_call(strict_server, fields) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert_still_serving(strict_server)
+
+
+def test_full_queue_is_429_with_retry_hint(strict_server: ServerThread) -> None:
+    busy = occupy_slow_model(strict_server, 96)
+    try:
+        fields = {
+            "model": "slow",
+            "images": tensor_to_wire(torch.zeros(32, 3, 8, 8, dtype=torch.uint8)),
+        }
+        response = post(strict_server, fields, model="slow")
+        assert response.status_code == 429, response.text
+        assert int(response.headers["retry-after"]) >= 1
+        assert float(response.headers["retry-after-ms"]) > 0
+        assert grpc_call(strict_server, fields) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert post(strict_server, good_fields()).status_code == 200
+    finally:
+        busy.join()
+    assert model_stats(strict_server)["slow"]["requests"]["queue_full"] >= 2
+    assert post(strict_server, fields, model="slow").status_code == 200
+
+
+def test_expired_request_is_504_and_never_computed(strict_server: ServerThread) -> None:
+    busy = occupy_slow_model(strict_server, 60)
+    try:
+        before = model_stats(strict_server)["slow"]
+        fields = {
+            "model": "slow",
+            "images": tensor_to_wire(torch.zeros(4, 3, 8, 8, dtype=torch.uint8)),
+        }
+        response = post(
+            strict_server, fields, model="slow", headers={"x-request-timeout-ms": "150"}
+        )
+        assert response.status_code == 504, response.text
+        assert grpc_call(strict_server, fields, timeout=0.15) == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        busy.join()
+    after = model_stats(strict_server)["slow"]
+    assert (
+        after["requests"]["deadline_exceeded"] - before["requests"].get("deadline_exceeded", 0) >= 1
+    )
+    assert after["executed_images"] - before["executed_images"] <= 60, (
+        "an expired request was computed"
+    )
+    assert_still_serving(strict_server)
+
+
+def test_model_failure_is_500_internal_and_isolated(strict_server: ServerThread) -> None:
+    bad = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    bad[1, 0, 0, 0] = 255
+    bad_fields = {"model": "flaky", "images": tensor_to_wire(bad)}
+    good = {
+        "model": "flaky",
+        "images": tensor_to_wire(torch.full((3, 3, 8, 8), 100, dtype=torch.uint8)),
+    }
+    results: dict[str, int] = {}
+
+    def send(name: str, fields: dict[str, Any]) -> None:
+        results[name] = post(strict_server, fields, model="flaky").status_code
+
+    threads = [threading.Thread(target=send, args=(f"bad{i}", bad_fields)) for i in range(3)]
+    threads += [threading.Thread(target=send, args=(f"good{i}", good)) for i in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert {v for k, v in results.items() if k.startswith("bad")} == {500}
+    assert {v for k, v in results.items() if k.startswith("good")} == {200}
+    assert grpc_call(strict_server, bad_fields) == grpc.StatusCode.INTERNAL
+    assert grpc_call(strict_server, good) == grpc.StatusCode.OK
+    assert model_stats(strict_server)["flaky"]["requests"]["failed"] >= 4
+
+
+def test_not_ready_is_503_unavailable(teachers: dict[str, Any], tmp_path: Any) -> None:
+    config = teacher_config(teachers)
+    config["models"].append(
+        {
+            "name": "heavy",
+            "arch": f"file:{save_slow(tmp_path / 'heavy.pt', 800)}",
+            "num_classes": 10,
+            "input_size": 8,
+        }
+    )
+    with running_server(config, wait_ready=False) as server:
+        url = server.endpoints.http_url
+        assert httpx.get(f"{url}/healthz").status_code == 200
+        assert httpx.get(f"{url}/readyz").status_code == 503
+        response = httpx.post(
+            f"{url}/v1/models/small/infer",
+            content=msgpack.packb(good_fields()),
+            headers={"content-type": "application/msgpack"},
+        )
+        assert response.status_code == 503
+        assert grpc_call(server, good_fields(), metadata=()) == grpc.StatusCode.UNAVAILABLE
+        with grpc.insecure_channel(f"127.0.0.1:{server.endpoints.grpc_port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            status = health.Check(health_pb2.HealthCheckRequest(service="")).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with TeacherClient.connect(
+                server.endpoints.grpc_url, model="small", retries=100
+            ) as client:
+                assert client.infer(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 10)
+            status = health.Check(
+                health_pb2.HealthCheckRequest(service="kdserve.v1.Teacher")
+            ).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        assert httpx.get(f"{url}/readyz").status_code == 200

@@ -1,0 +1,193 @@
+"""Served answers equal the in-process teacher, through real servers and the real clients."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from teacher_server.client import TeacherClient
+from teacher_server.server import ServerThread
+from teacher_server.views import Mix
+from tests.conftest import reference_view
+
+TOL = 1e-4
+
+
+def in_process(
+    teacher: dict[str, Any], images: torch.Tensor, mix: dict[str, Any] | None = None
+) -> torch.Tensor:
+    view = reference_view(images, teacher["size"], teacher["mean"], teacher["std"], mix)
+    with torch.no_grad():
+        return teacher["module"](view)
+
+
+def _images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
+
+
+@pytest.mark.parametrize("view_size", [32, 24])
+@pytest.mark.parametrize("model", ["small", "wide"])
+def test_served_logits_equal_in_process(
+    url: str, teachers: dict[str, Any], model: str, view_size: int
+) -> None:
+    images = _images(6, view_size)
+    with TeacherClient.connect(url, model=model) as client:
+        served = client.infer(images)
+    expected = in_process(teachers[model], images)
+    assert served.shape == (6, 10) and served.dtype == torch.float32
+    assert (served - expected).abs().max().item() < TOL
+
+
+def test_float16_and_float32_views(url: str, teachers: dict[str, Any]) -> None:
+    unit = torch.rand(4, 3, 32, 32)
+    with TeacherClient.connect(url, model="small") as client:
+        for dtype in (torch.float16, torch.float32, torch.bfloat16):
+            view = unit.to(dtype)
+            served = client.infer(view)
+            expected = in_process(teachers["small"], view)
+            assert (served - expected).abs().max().item() < TOL, dtype
+
+
+@pytest.mark.parametrize(
+    "mix",
+    [
+        {"mode": "mixup", "perm": [3, 2, 1, 0, 4], "lam": 0.3},
+        {"mode": "cutmix", "perm": [1, 2, 3, 4, 0], "box": [4, 8, 20, 30]},
+    ],
+)
+@pytest.mark.parametrize("model", ["small", "wide"])
+def test_mixed_views_equal_in_process(
+    url: str, teachers: dict[str, Any], mix: dict[str, Any], model: str
+) -> None:
+    images = _images(5, 32, seed=3)
+    client_mix = (
+        Mix("mixup", tuple(mix["perm"]), lam=mix["lam"])
+        if mix["mode"] == "mixup"
+        else Mix.cutmix(tuple(mix["perm"]), tuple(mix["box"]), 32, 32)
+    )
+    with TeacherClient.connect(url, model=model) as client:
+        served = client.infer(images, mix=client_mix)
+        unmixed = client.infer(images)
+    expected = in_process(teachers[model], images, mix)
+    assert (served - expected).abs().max().item() < TOL
+    assert (served - unmixed).abs().max().item() > 1e-3
+
+
+def test_ensembles_equal_hand_combination(url: str, teachers: dict[str, Any]) -> None:
+    images = _images(4, 32, seed=5)
+    small = in_process(teachers["small"], images)
+    wide = in_process(teachers["wide"], images)
+    mean_logits = (1.0 * small + 3.0 * wide) / 4.0
+    mean_probs = torch.log((small.softmax(-1) + wide.softmax(-1)) / 2.0)
+    with TeacherClient.connect(url) as client:
+        assert (client.infer(images, model="pair_logits") - mean_logits).abs().max().item() < TOL
+        assert (client.infer(images, model="pair_probs") - mean_probs).abs().max().item() < TOL
+        tempered = client.infer(images, model="pair_probs", temperature=4.0)
+        assert (tempered - mean_probs / 4.0).abs().max().item() < TOL
+
+
+def test_temperature_outputs_dtypes_top_k(url: str, teachers: dict[str, Any]) -> None:
+    images = _images(3, 32, seed=7)
+    raw = in_process(teachers["small"], images)
+    with TeacherClient.connect(url, model="small") as client:
+        base = client.infer(images)
+        for temperature in (0.5, 2.0, 4.0):
+            served = client.infer(images, temperature=temperature)
+            assert torch.allclose(served, base / temperature, atol=1e-6)
+        probs = client.infer(images, temperature=2.0, output="probs")
+        assert (probs - (raw / 2.0).softmax(-1)).abs().max().item() < TOL
+        assert torch.allclose(probs.sum(-1), torch.ones(3), atol=1e-5)
+        log_probs = client.infer(images, output="log_probs")
+        assert (log_probs - raw.log_softmax(-1)).abs().max().item() < TOL
+        half = client.infer(images, output_dtype="float16", output="probs")
+        assert half.dtype == torch.float16
+        assert (half.float() - raw.softmax(-1)).abs().max().item() < 1e-3
+        top = client.infer_top_k(images, 3, output="probs")
+        expected_values, expected_indices = raw.softmax(-1).topk(3, dim=-1)
+        assert top.indices.dtype == torch.int32 and top.values.shape == (3, 3)
+        assert torch.equal(top.indices.long(), expected_indices)
+        assert (top.values - expected_values).abs().max().item() < TOL
+
+
+def test_async_client_matches_sync(url: str) -> None:
+    images = _images(4, 32, seed=11)
+    with TeacherClient.connect(url, model="small") as client:
+        expected = client.infer(images)
+
+        async def run() -> list[torch.Tensor]:
+            async with TeacherClient.connect(url, model="small") as aclient:
+                models = await aclient.list_models_async()
+                assert {m.name for m in models} >= {"small", "wide", "pair_logits"}
+                return list(await asyncio.gather(*(aclient.infer_async(images) for _ in range(4))))
+
+        for answer in asyncio.run(run()):
+            assert torch.equal(answer, expected)
+
+
+def test_list_models_same_on_both_transports(server: ServerThread) -> None:
+    with (
+        TeacherClient.connect(server.endpoints.http_url) as http,
+        TeacherClient.connect(server.endpoints.grpc_url) as grpc_client,
+    ):
+        assert http.list_models() == grpc_client.list_models()
+        by_name = {m.name: m for m in http.list_models()}
+    assert by_name["wide"].input_size == (40, 40)
+    assert (
+        by_name["pair_probs"].members == ("small", "wide")
+        and by_name["pair_probs"].combine == "mean_probs"
+    )
+    assert by_name["pair_probs"].input_size == (40, 40)
+
+
+def test_concurrent_clients_are_batched_and_answered_correctly(
+    server: ServerThread, teachers: dict[str, Any]
+) -> None:
+    """8 clients (4 HTTP, 4 gRPC) each get their own answers while the server forms big batches."""
+    before = httpx.get(f"{server.endpoints.http_url}/v1/stats").json()["models"]["small"]
+    errors: list[str] = []
+    per_request = 4
+
+    def student(index: int) -> None:
+        url = server.endpoints.http_url if index % 2 else server.endpoints.grpc_url
+        images = _images(per_request, 32, seed=100 + index)
+        expected = in_process(teachers["small"], images)
+        with TeacherClient.connect(url, model="small") as client:
+            for step in range(12):
+                served = client.infer(images, request_id=f"student{index}-{step}")
+                if (served - expected).abs().max().item() >= TOL:
+                    errors.append(f"student {index} step {step} got another batch's answer")
+
+    threads = [threading.Thread(target=student, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    after = httpx.get(f"{server.endpoints.http_url}/v1/stats").json()["models"]["small"]
+    assert after["requests"]["ok"] - before["requests"].get("ok", 0) == 8 * 12
+    histogram = {int(k): v for k, v in after["batch_size_histogram"].items()}
+    assert max(histogram) > per_request, f"no batch merged requests: {histogram}"
+    metrics = httpx.get(f"{server.endpoints.http_url}/metrics").text
+    assert 'kdserve_batch_size_bucket{le="+Inf",model="small"}' in metrics
+
+
+def test_request_larger_than_max_batch_is_split(
+    server: ServerThread, teachers: dict[str, Any]
+) -> None:
+    images = _images(150, 32, seed=13)
+    mix = Mix("mixup", tuple(reversed(range(150))), lam=0.7)
+    with TeacherClient.connect(server.endpoints.grpc_url, model="small") as client:
+        reply = client.request(images, mix=mix)
+    assert reply.logits is not None
+    assert len(reply.timings[0].batch_sizes) >= 3
+    assert max(reply.timings[0].batch_sizes) <= 64
+    expected = in_process(
+        teachers["small"], images, {"mode": "mixup", "perm": list(reversed(range(150))), "lam": 0.7}
+    )
+    assert (reply.logits - expected).abs().max().item() < TOL

@@ -1,15 +1,18 @@
 """Dynamic batching for one model: a bounded queue of images feeding one worker per replica.
 
 Policy: a free replica starts at once when no replica of the model is busy (a lone student
-pays no batching delay); while another replica computes, it waits until max_batch_size
-images are queued or the oldest has waited max_delay_ms. Requests queue while a replica
-computes, so a busy server forms full batches on its own. Sizes count images, not requests;
-a request larger than max_batch_size is computed in several passes.
+pays no batching delay) or when the request at the head is already being computed in part;
+while another replica computes, it waits until max_batch_size images are queued or the
+oldest has waited max_delay_ms. Requests queue while a replica computes, so a busy server
+forms full batches on its own. Queued images are shared among idle replicas, so one-thread
+CPU replicas compute even a lone request side by side. Sizes count images, not requests;
+a request larger than a pass is computed in several passes.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -24,6 +27,7 @@ from teacher_server.stats import ModelStats
 from teacher_server.views import Mix
 
 log = logging.getLogger(__name__)
+MIN_SPLIT_IMAGES = 8
 
 
 @dataclass(eq=False)
@@ -152,13 +156,21 @@ class Batcher:
                     if self._queued_images == 0:
                         self._cond.wait()
                         continue
-                    wait = self._queue[0].enqueued_at + self.max_delay_s - now
-                    if self._queued_images >= self.max_batch_size or self._busy == 0 or wait <= 0:
+                    head = self._queue[0]
+                    wait = head.enqueued_at + self.max_delay_s - now
+                    if (
+                        self._queued_images >= self.max_batch_size
+                        or self._busy == 0
+                        or head.started_at is not None
+                        or wait <= 0
+                    ):
                         break
                     self._cond.wait(wait)
-                chunks = [] if self._closed else self._take(now)
+                chunks = [] if self._closed else self._take(now, self._batch_limit())
                 if chunks:
                     self._busy += 1
+                if self._queued_images:
+                    self._cond.notify()
             for job in expired:
                 self._fail(
                     job,
@@ -179,9 +191,19 @@ class Batcher:
             self._queued_images -= job.size - job.next_row
         return expired
 
-    def _take(self, now: float) -> list[Chunk]:
+    def _batch_limit(self) -> int:
+        """Images for this pass: share the queue with idle replicas rather than leave them idle.
+
+        A lone 32-image request on two idle one-thread replicas runs as two passes of 16 side
+        by side; a busy server still fills max_batch_size.
+        """
+        idle = len(self._runners) - self._busy
+        share = max(MIN_SPLIT_IMAGES, math.ceil(self._queued_images / idle))
+        return min(self.max_batch_size, share)
+
+    def _take(self, now: float, limit: int) -> list[Chunk]:
         chunks: list[Chunk] = []
-        capacity = self.max_batch_size
+        capacity = limit
         while self._queue and capacity:
             job = self._queue[0]
             if job.started_at is None:

@@ -13,6 +13,10 @@ from teacher_server.config import ConfigError, load_config
 from teacher_server.server import serve
 
 
+def _int_or_auto(value: str) -> int | str:
+    return value if value == "auto" else int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdserve-teacher",
@@ -25,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--device", help="cpu, cuda, cuda:N, or a comma-separated list (one replica set per device)"
     )
-    parser.add_argument("--replicas-per-device", type=int)
-    parser.add_argument("--threads-per-replica", type=int)
+    parser.add_argument("--replicas-per-device", type=_int_or_auto, help="int or auto")
+    parser.add_argument("--threads-per-replica", type=_int_or_auto, help="int or auto")
     parser.add_argument("--max-batch-size", type=int, help="images per forward pass")
     parser.add_argument("--max-delay-ms", type=float)
     parser.add_argument("--max-queue-images", type=int)

@@ -112,8 +112,9 @@ class Registry:
     def load(self) -> None:
         """Build, load and warm up every model on every device, then start serving them."""
         server = self.config.server
-        if server.threads_per_replica is not None:
-            torch.set_num_threads(server.threads_per_replica)
+        threads = server.cpu_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
         for model_config in self.config.models:
             started = time.monotonic()
             runners = self._build_replicas(model_config)
@@ -151,14 +152,16 @@ class Registry:
         )
         server = self.config.server
         runners: list[ModelRunner] = []
-        for device in server.devices:
-            for _ in range(server.replicas_per_device):
-                replica = module if not runners else copy.deepcopy(module)
-                if config.compile:
-                    replica = torch.compile(replica, dynamic=True)  # type: ignore[assignment]
-                runner = ModelRunner(replica, spec, device)
-                self._warm_up(config, runner)
-                runners.append(runner)
+        for index, device in enumerate(server.devices):
+            # Replicas on one device share the module: inference in eval mode mutates nothing.
+            on_device = module if index == 0 else copy.deepcopy(module)
+            if config.compile:
+                on_device = torch.compile(on_device, dynamic=True)  # type: ignore[assignment]
+            replicas = [
+                ModelRunner(on_device, spec, device) for _ in range(server.replicas_on(device))
+            ]
+            self._warm_up(config, replicas[0])
+            runners += replicas
         return runners
 
     def _warm_up(self, config: ModelConfig, runner: ModelRunner) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from typing import Any
 
@@ -11,9 +12,9 @@ import pytest
 import torch
 
 from teacher_server.client import TeacherClient
-from teacher_server.server import ServerThread
+from teacher_server.server import ServerThread, _listening_socket
 from teacher_server.views import Mix
-from tests.conftest import reference_view
+from tests.conftest import reference_view, running_server, teacher_config
 
 TOL = 1e-4
 
@@ -191,3 +192,24 @@ def test_request_larger_than_max_batch_is_split(
         teachers["small"], images, {"mode": "mixup", "perm": list(reversed(range(150))), "lam": 0.7}
     )
     assert (reply.logits - expected).abs().max().item() < TOL
+
+
+def test_http_listener_is_a_tcp_socket() -> None:
+    """asyncio sets TCP_NODELAY only on connections from IPPROTO_TCP sockets (else ~40 ms waits)."""
+    sock = _listening_socket("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()
+
+
+def test_idle_replicas_share_a_lone_request(teachers: dict[str, Any]) -> None:
+    """Two one-thread replicas compute a lone 32-image request as two passes of 16 side by side."""
+    config = teacher_config(teachers, replicas_per_device=2, threads_per_replica=1)
+    with running_server(config) as two_replicas:
+        images = _images(32, 32, seed=17)
+        with TeacherClient.connect(two_replicas.endpoints.grpc_url, model="small") as client:
+            reply = client.request(images)
+    assert reply.timings[0].batch_sizes == [16, 16]
+    assert reply.logits is not None
+    assert (reply.logits - in_process(teachers["small"], images)).abs().max().item() < TOL

@@ -33,7 +33,7 @@ from teacher_server.archs import create_model
 from teacher_server.codec import tensor_to_wire
 from teacher_server.proto_codec import request_message
 from teacher_server.registry import RANDOM_INIT_SEED
-from teacher_server.views import normalize_views, to_unit_float
+from teacher_server.views import normalize
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -95,7 +95,7 @@ def in_process_images_per_s(case: Case, seconds: float, threads: int) -> float:
 
     def step() -> None:
         with torch.inference_mode():
-            model(normalize_views(to_unit_float(images), mean, std))
+            model(normalize(images, mean, std))
 
     for _ in range(3):
         step()
@@ -107,14 +107,13 @@ def in_process_images_per_s(case: Case, seconds: float, threads: int) -> float:
 
 
 def start_server(
-    workdir: Path, case: Case, server: dict[str, Any], threads: int
+    workdir: Path, case: Case, server: dict[str, Any]
 ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     config = {"server": {"http_port": 0, "grpc_port": 0, **server}, "models": [case.model_entry]}
     path = workdir / "teacher.json"
     path.write_text(json.dumps(config))
     port_file = workdir / "ports.json"
     port_file.unlink(missing_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     process = subprocess.Popen(
         [
             sys.executable,
@@ -126,8 +125,7 @@ def start_server(
             str(port_file),
             "--log-level",
             "warning",
-        ],
-        env=env,
+        ]
     )
     while not port_file.exists():
         if process.poll() is not None:
@@ -142,8 +140,9 @@ def start_server(
 
 
 def client_loop(
-    url: str, model: str, size: int, batch: int, seconds: float, start: Any, out: Any
+    url: str, model: str, size: int, batch: int, seconds: float, ready: Any, start: Any, out: Any
 ) -> None:
+    """One student: a closed loop of requests, timed only once every client is warmed up."""
     torch.set_num_threads(1)
     from teacher_server.client import TeacherClient
 
@@ -152,6 +151,7 @@ def client_loop(
     with TeacherClient.connect(url, model=model, max_request_bytes=1 << 30) as client:
         for _ in range(3):
             client.infer(images)
+        ready.put(os.getpid())
         start.wait()
         stop = time.perf_counter() + seconds
         while time.perf_counter() < stop:
@@ -161,26 +161,44 @@ def client_loop(
     out.put(latencies)
 
 
-def measure_served(url: str, case: Case, clients: int, seconds: float) -> tuple[float, list[float]]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Served:
+    images_per_s: float
+    latencies: list[float]
+    server_cpu_ms: float
+    client_cpu_ms: float
+
+
+def measure_served(url: str, server_pid: int, case: Case, clients: int, seconds: float) -> Served:
+    """Start `clients` student processes, wait until all are warm, then time them together."""
     ctx = mp.get_context("spawn")
-    start, out = ctx.Event(), ctx.Queue()
-    procs = [
-        ctx.Process(
-            target=client_loop,
-            args=(url, case.model_entry["name"], case.size, case.batch, seconds, start, out),
-        )
-        for _ in range(clients)
-    ]
+    ready, start, out = ctx.Queue(), ctx.Event(), ctx.Queue()
+    args = (url, case.model_entry["name"], case.size, case.batch, seconds, ready, start, out)
+    procs = [ctx.Process(target=client_loop, args=args) for _ in range(clients)]
     for proc in procs:
         proc.start()
-    time.sleep(2.0 + 0.3 * clients)
+    pids = [ready.get(timeout=300) for _ in procs]
+    cpu_before = cpu_seconds(server_pid), sum(cpu_seconds(pid) for pid in pids)
     start.set()
     latencies: list[float] = []
     for _ in procs:
         latencies.extend(out.get())
+    cpu_after = cpu_seconds(server_pid), sum(cpu_seconds(pid) for pid in pids)
     for proc in procs:
         proc.join()
-    return len(latencies) * case.batch / seconds, latencies
+    requests = max(1, len(latencies))
+    return Served(
+        len(latencies) * case.batch / seconds,
+        latencies,
+        (cpu_after[0] - cpu_before[0]) / requests * 1e3,
+        (cpu_after[1] - cpu_before[1]) / requests * 1e3,
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -244,23 +262,31 @@ def run_case(
         f"{case.batch}-image uint8 requests; in-process {baseline:.0f} img/s ({threads} threads)"
     )
     layouts = [
-        ("1 replica x 2 threads", {"replicas_per_device": 1, "threads_per_replica": threads}),
-        ("2 replicas x 1 thread", {"replicas_per_device": threads, "threads_per_replica": 1}),
+        (
+            f"1 replica x {threads} threads",
+            {"replicas_per_device": 1, "threads_per_replica": threads},
+        ),
+        (
+            f"{threads} replicas x 1 thread",
+            {"replicas_per_device": threads, "threads_per_replica": 1},
+        ),
     ]
     print(
         f"{'server':24} {'wire':5} {'clients':>7} {'img/s':>8} {'ratio':>6} "
-        f"{'p50 ms':>8} {'p99 ms':>8}"
+        f"{'p50 ms':>8} {'p99 ms':>8} {'CPU ms/request: server':>23} {'clients':>8}"
     )
     for label, layout in layouts:
         server = {"max_batch_size": 256, "max_delay_ms": 2, **layout}
-        process, ports = start_server(workdir, case, server, layout["threads_per_replica"])
+        process, ports = start_server(workdir, case, server)
         try:
             for wire in ("http", "grpc"):
                 for clients in client_counts:
-                    rate, lat = measure_served(ports[f"{wire}_url"], case, clients, seconds)
+                    run = measure_served(ports[f"{wire}_url"], process.pid, case, clients, seconds)
+                    p50, p99 = percentile(run.latencies, 0.5), percentile(run.latencies, 0.99)
                     print(
-                        f"{label:24} {wire:5} {clients:>7} {rate:>8.0f} {rate / baseline:>6.2f} "
-                        f"{percentile(lat, 0.5) * 1e3:>8.1f} {percentile(lat, 0.99) * 1e3:>8.1f}",
+                        f"{label:24} {wire:5} {clients:>7} {run.images_per_s:>8.0f} "
+                        f"{run.images_per_s / baseline:>6.2f} {p50 * 1e3:>8.1f} {p99 * 1e3:>8.1f} "
+                        f"{run.server_cpu_ms:>23.1f} {run.client_cpu_ms:>8.1f}",
                         flush=True,
                     )
         finally:
@@ -271,12 +297,10 @@ def run_case(
         ("batching", {"max_batch_size": 256, "max_delay_ms": 2}),
         ("unbatched", {"max_batch_size": case.batch, "max_delay_ms": 0}),
     ):
-        process, ports = start_server(
-            workdir, case, {**server, "threads_per_replica": threads}, threads
-        )
+        process, ports = start_server(workdir, case, server)
         try:
-            _, lat = measure_served(ports["grpc_url"], case, 1, seconds)
-            lone[label] = statistics.median(lat)
+            run = measure_served(ports["grpc_url"], process.pid, case, 1, seconds)
+            lone[label] = statistics.median(run.latencies)
         finally:
             process.terminate()
             process.wait()

@@ -221,10 +221,14 @@ class Batcher:
     def _compute(self, runner: ModelRunner, chunks: list[Chunk]) -> None:
         started = time.monotonic()
         try:
-            views = [
-                runner.prepare(job.images, start, stop, job.mix) for job, start, stop in chunks
-            ]
-            logits = runner.forward(views[0] if len(views) == 1 else torch.cat(views))
+            batch = runner.new_batch(sum(stop - start for _, start, stop in chunks))
+            offset = 0
+            for job, start, stop in chunks:
+                runner.prepare(
+                    job.images, start, stop, job.mix, batch[offset : offset + stop - start]
+                )
+                offset += stop - start
+            logits = runner.forward(batch)
         except Exception as exc:
             if len(chunks) > 1:
                 log.warning(

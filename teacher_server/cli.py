@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--device", help="cpu, cuda, cuda:N, or a comma-separated list (one replica set per device)"
     )
-    parser.add_argument("--replicas-per-device", type=_int_or_auto, help="int or auto")
+    parser.add_argument("--replicas-per-device", type=int)
     parser.add_argument("--threads-per-replica", type=_int_or_auto, help="int or auto")
     parser.add_argument("--max-batch-size", type=int, help="images per forward pass")
     parser.add_argument("--max-delay-ms", type=float)

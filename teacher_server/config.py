@@ -41,7 +41,7 @@ class ServerConfig(_Strict):
     http_port: int = Field(8000, ge=0, le=65535)
     grpc_port: int = Field(50051, ge=0, le=65535)
     device: str | list[str] = "cpu"
-    replicas_per_device: int | Literal["auto"] = "auto"
+    replicas_per_device: int = Field(1, ge=1, le=256)
     threads_per_replica: int | Literal["auto"] = "auto"
     max_batch_size: int = Field(256, ge=1)
     max_delay_ms: float = Field(2.0, ge=0)
@@ -60,7 +60,7 @@ class ServerConfig(_Strict):
             raise ValueError("device list is empty")
         return value
 
-    @field_validator("replicas_per_device", "threads_per_replica")
+    @field_validator("threads_per_replica")
     @classmethod
     def _positive_or_auto(cls, value: int | str) -> int | str:
         if isinstance(value, int) and not 1 <= value <= 256:
@@ -71,12 +71,6 @@ class ServerConfig(_Strict):
     def devices(self) -> list[str]:
         return [self.device] if isinstance(self.device, str) else list(self.device)
 
-    def replicas_on(self, device: str) -> int:
-        """Model replicas on a device; auto: one per usable core on CPU, one per GPU."""
-        if self.replicas_per_device != "auto":
-            return self.replicas_per_device
-        return usable_cores() if device == "cpu" else 1
-
     def cpu_threads(self) -> int | None:
         """Intra-op threads per replica; auto shares the cores among the CPU replicas.
 
@@ -84,7 +78,7 @@ class ServerConfig(_Strict):
         """
         if self.threads_per_replica != "auto":
             return self.threads_per_replica
-        cpu_replicas = sum(self.replicas_on(d) for d in self.devices if d == "cpu")
+        cpu_replicas = self.replicas_per_device * self.devices.count("cpu")
         return max(1, usable_cores() // cpu_replicas) if cpu_replicas else None
 
 

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 
 from teacher_server.codec import Output, OutputDtype
-from teacher_server.views import Mix, apply_mix, normalize_views, resize_views, to_unit_float
+from teacher_server.views import Mix, apply_mix, normalize, resize_views, to_unit_float
 
 Combine = Literal["mean_logits", "mean_probs"]
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -48,30 +48,48 @@ class ModelRunner:
         self._mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device)
         self._std = torch.tensor(spec.std, dtype=torch.float32, device=self.device)
         self._compute_dtype = TORCH_DTYPES[spec.dtype]
+        self._batch_buffer: torch.Tensor | None = None
         self._stream = (
             torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
             if self.device.type == "cuda"
             else None
         )
 
-    def prepare(self, images: torch.Tensor, start: int, stop: int, mix: Mix | None) -> torch.Tensor:
-        """Rows start:stop of a request as normalized float32 at the model's input size.
+    def new_batch(self, size: int) -> torch.Tensor:
+        """An input batch on the device, in the model's memory format, to fill with `prepare`.
+
+        The memory is reused from pass to pass (a replica computes one pass at a time):
+        fresh pages for every pass cost more than the preprocessing itself on a CPU.
+        """
+        if self._batch_buffer is None or self._batch_buffer.shape[0] < size:
+            height, width = self.spec.input_size
+            memory_format = (
+                torch.channels_last if self.spec.channels_last else torch.contiguous_format
+            )
+            self._batch_buffer = torch.empty(
+                (size, 3, height, width), device=self.device, memory_format=memory_format
+            )
+        return self._batch_buffer[:size]
+
+    def prepare(
+        self, images: torch.Tensor, start: int, stop: int, mix: Mix | None, out: torch.Tensor
+    ) -> None:
+        """Write rows start:stop of a request into `out`, normalized at the model's input size.
 
         Mixing reads each row's partner from the whole request, so a request split across
         batches is mixed exactly as if it were computed in one piece.
         """
         with self._on_stream():
-            views = to_unit_float(images[start:stop].to(self.device, non_blocking=True))
+            rows = images[start:stop].to(self.device, non_blocking=True)
+            if mix is None and tuple(rows.shape[-2:]) == self.spec.input_size:
+                normalize(rows, self._mean, self._std, out=out)
+                return
+            views = to_unit_float(rows)
             if mix is not None:
                 partner_rows = torch.as_tensor(mix.perm[start:stop], dtype=torch.long)
                 partners = images.index_select(0, partner_rows).to(self.device, non_blocking=True)
                 views = apply_mix(views, to_unit_float(partners), mix)
-            views = normalize_views(
-                resize_views(views, self.spec.input_size), self._mean, self._std
-            )
-            if self.spec.channels_last:
-                views = views.contiguous(memory_format=torch.channels_last)
-            return views
+            normalize(resize_views(views, self.spec.input_size), self._mean, self._std, out=out)
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         """Raw logits (temperature 1) as float32 on the CPU."""

@@ -158,7 +158,7 @@ class Registry:
             if config.compile:
                 on_device = torch.compile(on_device, dynamic=True)  # type: ignore[assignment]
             replicas = [
-                ModelRunner(on_device, spec, device) for _ in range(server.replicas_on(device))
+                ModelRunner(on_device, spec, device) for _ in range(server.replicas_per_device)
             ]
             self._warm_up(config, replicas[0])
             runners += replicas
@@ -172,7 +172,9 @@ class Registry:
         for size in sorted(sizes):
             images = torch.zeros((size, 3, *config.input_size), dtype=torch.uint8)
             try:
-                logits = runner.forward(runner.prepare(images, 0, size, None))
+                batch = runner.new_batch(size)
+                runner.prepare(images, 0, size, None, batch)
+                logits = runner.forward(batch)
             except Exception as exc:
                 raise ModelLoadError(
                     f"model {config.name!r} failed its warm-up forward: {exc}"

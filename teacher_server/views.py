@@ -72,6 +72,20 @@ def resize_views(views: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     )
 
 
-def normalize_views(views: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """(x - mean) / std per channel; mean and std are (3,) tensors on the views' device."""
-    return (views - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+def normalize(
+    images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(x - mean) / std per channel, as one in-place multiply-add: x * (1 / std) - mean / std.
+
+    `images` are uint8 pixels (the /255 is folded into the scale) or unit floats; mean and std
+    are (3,) tensors on the images' device. Writes into `out` (e.g. a slice of a batch) if given.
+    """
+    scale = std.reciprocal().view(1, 3, 1, 1)
+    if images.dtype == torch.uint8:
+        scale = scale / 255.0
+    shift = (-mean / std).view(1, 3, 1, 1)
+    if out is None:
+        out = images.to(torch.float32, copy=True)
+    else:
+        out.copy_(images)
+    return out.mul_(scale).add_(shift)

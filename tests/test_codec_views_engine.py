@@ -14,7 +14,7 @@ from teacher_server.views import (
     Mix,
     apply_mix,
     mix_views,
-    normalize_views,
+    normalize,
     resize_views,
     to_unit_float,
 )
@@ -115,10 +115,18 @@ def test_unit_float_resize_normalize() -> None:
     assert torch.allclose(unit[0, :, 0, 0], torch.tensor([0.0, 0.2, 1.0]))
     assert resize_views(unit, (2, 2)) is unit
     assert resize_views(unit, (5, 7)).shape == (1, 3, 5, 7)
-    normalized = normalize_views(
-        unit, torch.tensor([0.5, 0.5, 0.5]), torch.tensor([0.5, 0.25, 0.5])
+    mean, std = torch.tensor([0.5, 0.5, 0.5]), torch.tensor([0.5, 0.25, 0.5])
+    expected = torch.tensor([-1.0, -1.2, 1.0])
+    assert torch.allclose(normalize(unit, mean, std)[0, :, 0, 0], expected)
+    assert torch.allclose(normalize(pixels, mean, std)[0, :, 0, 0], expected)
+    batch = torch.full((3, 3, 2, 2), 7.0)
+    normalize(pixels, mean, std, out=batch[1:2])
+    assert (
+        torch.allclose(batch[1, :, 0, 0], expected)
+        and batch[0].eq(7.0).all()
+        and batch[2].eq(7.0).all()
     )
-    assert torch.allclose(normalized[0, :, 0, 0], torch.tensor([-1.0, -1.2, 1.0]))
+    assert torch.equal(unit, to_unit_float(pixels)), "normalize must not change its input"
 
 
 def test_combine_members_by_hand() -> None:

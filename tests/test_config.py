@@ -133,3 +133,11 @@ def test_device_list_from_env(tmp_path: Path) -> None:
         write(tmp_path, {"models": [MODEL]}), environ={"KDSERVE_SERVER__DEVICE": "cuda:0,cuda:1"}
     )
     assert config.server.devices == ["cuda:0", "cuda:1"]
+
+
+def test_the_documented_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parents[1] / "examples" / "teacher.yaml"
+    config = load_config(example, environ={})
+    assert [m.name for m in config.models] == ["resnet8x4", "wrn_40_2"]
+    assert config.ensembles[0].combine == "mean_probs"
+    assert config.server.cpu_threads() is not None

@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml requirements/cpu.txt requirements/gpu.txt
 
 setup: $(VENV)/.installed
 
-test: setup
+test: lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider
 
 lint: setup

@@ -108,12 +108,9 @@ class Batcher:
     def cancel(self, job: Job) -> None:
         """Forget a job whose caller went away; rows not started are never computed."""
         with self._cond:
-            if job.finished:
-                return
-            job.finished = True
-            if job in self._queue:
-                self._queue.remove(job)
-                self._queued_images -= job.size - job.next_row
+            if not job.finished:
+                job.finished = True
+                self._unqueue(job)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the workers after their current batch; fail what is still queued with NotReady."""
@@ -187,9 +184,14 @@ class Batcher:
     def _pop_expired(self, now: float) -> list[Job]:
         expired = [job for job in self._queue if job.deadline <= now]
         for job in expired:
+            self._unqueue(job)
+        return expired
+
+    def _unqueue(self, job: Job) -> None:
+        """Take a job's rows that are not yet handed out off the queue (lock held)."""
+        if job in self._queue:
             self._queue.remove(job)
             self._queued_images -= job.size - job.next_row
-        return expired
 
     def _batch_limit(self) -> int:
         """Images for this pass: share the queue with idle replicas rather than leave them idle.
@@ -276,7 +278,5 @@ class Batcher:
                 return
             job.finished = True
             job.error = error
-            if job in self._queue:
-                self._queue.remove(job)
-                self._queued_images -= job.size - job.next_row
+            self._unqueue(job)
         job.on_done(job)

@@ -7,11 +7,15 @@ import socket
 import threading
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 import torch
 
+from teacher_server._proto import teacher_pb2_grpc
 from teacher_server.client import TeacherClient
+from teacher_server.codec import tensor_from_wire, tensor_to_wire
+from teacher_server.proto_codec import request_message, tensor_fields
 from teacher_server.server import ServerThread, _listening_socket
 from teacher_server.views import Mix
 from tests.conftest import reference_view, running_server, teacher_config
@@ -213,3 +217,78 @@ def test_idle_replicas_share_a_lone_request(teachers: dict[str, Any]) -> None:
     assert reply.timings[0].batch_sizes == [16, 16]
     assert reply.logits is not None
     assert (reply.logits - in_process(teachers["small"], images)).abs().max().item() < TOL
+
+
+def test_infer_stream_answers_every_request_by_id(
+    server: ServerThread, teachers: dict[str, Any]
+) -> None:
+    """One long-lived stream: answers may come out of order; a bad request gets an error message."""
+    batches = {f"r{i}": _images(2 + i, 32, seed=40 + i) for i in range(6)}
+    requests = [
+        request_message({"model": "small", "images": tensor_to_wire(images), "request_id": rid})
+        for rid, images in batches.items()
+    ]
+    requests.insert(
+        3,
+        request_message(
+            {
+                "model": "small",
+                "images": tensor_to_wire(batches["r0"]),
+                "temperature": -1.0,
+                "request_id": "bad",
+            }
+        ),
+    )
+    requests.insert(
+        5,
+        request_message(
+            {"model": "ghost", "images": tensor_to_wire(batches["r0"]), "request_id": "unknown"}
+        ),
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{server.endpoints.grpc_port}") as channel:
+        answers = list(
+            teacher_pb2_grpc.TeacherStub(channel).InferStream(iter(requests), timeout=30)
+        )
+    by_id = {answer.request_id: answer for answer in answers}
+    assert sorted(by_id) == sorted([*batches, "bad", "unknown"])
+    assert by_id["bad"].error.code == "INVALID_ARGUMENT" and by_id["bad"].error.http_status == 400
+    assert "temperature" in by_id["bad"].error.message
+    assert by_id["unknown"].error.code == "NOT_FOUND"
+    for rid, images in batches.items():
+        answer = by_id[rid]
+        assert not answer.HasField("error")
+        served = tensor_from_wire(tensor_fields(answer.logits), "logits")
+        assert (served - in_process(teachers["small"], images)).abs().max().item() < TOL
+
+
+def test_low_precision_and_channels_last_models(teachers: dict[str, Any]) -> None:
+    """bfloat16 autocast is on (answers close to fp32, not equal); channels_last is exact."""
+    config = teacher_config(teachers)
+    config["models"][0]["dtype"] = "bfloat16"
+    config["models"][1]["channels_last"] = True
+    config["server"]["device"] = ["cpu", "cpu"]
+    images = _images(8, 32, seed=23)
+    with (
+        running_server(config) as special,
+        TeacherClient.connect(special.endpoints.http_url) as client,
+    ):
+        low = client.infer(images, model="small")
+        last = client.infer(images, model="wide")
+    exact = in_process(teachers["small"], images)
+    assert 0 < (low - exact).abs().max().item() < 0.1
+    assert (low.argmax(-1) == exact.argmax(-1)).float().mean().item() >= 0.75
+    assert (last - in_process(teachers["wide"], images)).abs().max().item() < TOL
+
+
+@pytest.mark.slow
+def test_compiled_model_answers_like_eager(teachers: dict[str, Any]) -> None:
+    config = teacher_config(teachers)
+    config["models"] = [{**config["models"][0], "compile": True}]
+    config["ensembles"] = []
+    images = _images(5, 32, seed=29)
+    with (
+        running_server(config) as compiled,
+        TeacherClient.connect(compiled.endpoints.grpc_url) as client,
+    ):
+        served = client.infer(images, model="small")
+    assert (served - in_process(teachers["small"], images)).abs().max().item() < TOL

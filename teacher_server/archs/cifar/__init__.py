@@ -7,12 +7,9 @@ from functools import partial
 
 from torch import nn
 
-from teacher_server.archs.cifar.resnet import CifarResNet
+from teacher_server.archs.cifar.resnet import NARROW, WIDE, CifarResNet
 from teacher_server.archs.cifar.vgg import LAYOUTS, CifarVGG
 from teacher_server.archs.cifar.wrn import WideResNet
-
-NARROW = (16, 16, 32, 64)
-WIDE = (32, 64, 128, 256)
 
 CIFAR_ARCHS: dict[str, Callable[[int], nn.Module]] = {
     **{f"resnet{d}": partial(CifarResNet, d, NARROW) for d in (8, 14, 20, 32, 44, 56, 110)},

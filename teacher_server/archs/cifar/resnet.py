@@ -1,7 +1,8 @@
 """CIFAR ResNets of the KD literature (resnet8 ... resnet110, resnet8x4, resnet32x4).
 
 Depth 6n + 2: a 3x3 stem, three stages of n basic blocks (strides 1, 2, 2), global average
-pooling and a linear classifier, with widths [16, 16, 32, 64] or [32, 64, 128, 256] ("x4").
+pooling and a linear classifier. Attribute names follow the published CRD / mdistiller
+checkpoints, so their state dicts load without renaming.
 """
 
 from __future__ import annotations
@@ -9,18 +10,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+Widths = tuple[int, int, int, int]
+
+NARROW: Widths = (16, 16, 32, 64)
+WIDE: Widths = (32, 64, 128, 256)
+
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with BatchNorm and an identity or 1x1 projection shortcut."""
+    """Two 3x3 conv-BN layers over an identity or 1x1 conv-BN projection shortcut."""
 
     def __init__(self, in_channels: int, channels: int, stride: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample: nn.Module | None = None
+        self.downsample: nn.Sequential | None = None
         if stride != 1 or in_channels != channels:
             self.downsample = nn.Sequential(
                 nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False),
@@ -36,12 +42,12 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """ResNet of depth 6n + 2 for small images."""
+    """ResNet of depth 6n + 2 for small images; `widths` are the stem and the three stages."""
 
-    def __init__(self, depth: int, widths: tuple[int, int, int, int], num_classes: int) -> None:
+    def __init__(self, depth: int, widths: Widths, num_classes: int) -> None:
         super().__init__()
-        if (depth - 2) % 6 != 0:
-            raise ValueError(f"depth must be 6n + 2, got {depth}")
+        if depth < 8 or (depth - 2) % 6 != 0:
+            raise ValueError(f"depth must be 6n + 2 with n >= 1, got {depth}")
         blocks = (depth - 2) // 6
         self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -66,10 +72,6 @@ class CifarResNet(nn.Module):
 
 
 def _stage(in_channels: int, channels: int, blocks: int, stride: int) -> nn.Sequential:
-    layers = [BasicBlock(in_channels, channels, stride)]
-    layers += [BasicBlock(channels, channels, 1) for _ in range(blocks - 1)]
-    return nn.Sequential(*layers)
-
-
-NARROW = (16, 16, 32, 64)
-WIDE = (32, 64, 128, 256)
+    """`blocks` basic blocks; only the first changes width or resolution."""
+    first = BasicBlock(in_channels, channels, stride)
+    return nn.Sequential(first, *(BasicBlock(channels, channels, 1) for _ in range(blocks - 1)))

@@ -1,7 +1,9 @@
 """CIFAR VGGs with BatchNorm of the KD literature (vgg8, vgg11, vgg13, vgg16, vgg19).
 
-Five blocks of 3x3 conv + BN + ReLU; max-pooling after the first three blocks (and after
-the fourth for 64 px inputs), global average pooling, one linear classifier on 512 features.
+Five blocks of 3x3 conv + BN + ReLU with max-pooling after the first three (and after the
+fourth for 64 px inputs, as the references do for Tiny-ImageNet), global average pooling and
+one linear classifier. Attribute names and Sequential indices follow the published CRD /
+mdistiller checkpoints, so their state dicts load without renaming.
 """
 
 from __future__ import annotations
@@ -9,30 +11,32 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Output channels of each conv, per block.
-LAYOUTS: dict[str, tuple[tuple[int, ...], ...]] = {
+Layout = tuple[tuple[int, ...], ...]
+
+LAYOUTS: dict[str, Layout] = {
     "vgg8": ((64,), (128,), (256,), (512,), (512,)),
     "vgg11": ((64,), (128,), (256, 256), (512, 512), (512, 512)),
     "vgg13": ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512)),
-    "vgg16": ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)),
+    "vgg16": ((64, 64), (128, 128), (256,) * 3, (512,) * 3, (512,) * 3),
     "vgg19": ((64, 64), (128, 128), (256,) * 4, (512,) * 4, (512,) * 4),
 }
 
 
 class CifarVGG(nn.Module):
-    """VGG with BatchNorm for small images."""
+    """VGG with BatchNorm for small images; `layout` lists each block's conv widths."""
 
-    def __init__(self, layout: tuple[tuple[int, ...], ...], num_classes: int) -> None:
+    def __init__(self, layout: Layout, num_classes: int) -> None:
         super().__init__()
-        blocks, in_channels = [], 3
-        for channels in layout:
-            blocks.append(_block(in_channels, channels))
-            in_channels = channels[-1]
-        self.blocks = nn.ModuleList(blocks)
+        if len(layout) != 5:
+            raise ValueError(f"a VGG layout has 5 blocks, got {len(layout)}")
+        in_channels = (3, *(convs[-1] for convs in layout[:-1]))
+        self.block0, self.block1, self.block2, self.block3, self.block4 = (
+            _block(start, convs) for start, convs in zip(in_channels, layout, strict=True)
+        )
         self.relu = nn.ReLU(inplace=True)
         self.pool = nn.MaxPool2d(2, 2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(in_channels, num_classes)
+        self.classifier = nn.Linear(layout[-1][-1], num_classes)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -47,18 +51,21 @@ class CifarVGG(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height = x.shape[2]
-        for index, block in enumerate(self.blocks):
-            x = self.relu(block(x))
-            if index < 3 or (index == 3 and height == 64):
-                x = self.pool(x)
+        x = self.pool(self.relu(self.block0(x)))
+        x = self.pool(self.relu(self.block1(x)))
+        x = self.pool(self.relu(self.block2(x)))
+        x = self.relu(self.block3(x))
+        if height == 64:
+            x = self.pool(x)
+        x = self.relu(self.block4(x))
         logits: torch.Tensor = self.classifier(torch.flatten(self.avgpool(x), 1))
         return logits
 
 
-def _block(in_channels: int, channels: tuple[int, ...]) -> nn.Sequential:
-    """Conv-BN-ReLU per entry, without the last ReLU (the network applies it)."""
+def _block(in_channels: int, widths: tuple[int, ...]) -> nn.Sequential:
+    """Conv-BN-ReLU per width, without the last ReLU (the network applies it)."""
     layers: list[nn.Module] = []
-    for out_channels in channels:
+    for out_channels in widths:
         layers += [
             nn.Conv2d(in_channels, out_channels, 3, padding=1),
             nn.BatchNorm2d(out_channels),

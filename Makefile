@@ -1,5 +1,5 @@
-# Two commands for a fresh machine: `make demo` and `make test`. Both create .venv at the
-# repository root and install the project with pinned torch (the CPU build when no GPU is present).
+# `make test` on a fresh machine creates .venv at the repository root, installs the project with
+# pinned torch (the CPU build when no GPU is present), then runs the linters and the tests.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python

@@ -32,7 +32,8 @@ MIN_SPLIT_IMAGES = 8
 
 @dataclass(eq=False)
 class Job:
-    """One request's images for one model; `on_done` is called exactly once, from any thread."""
+    """One request's images for one model; `on_done` runs once when it finishes or fails (from any
+    thread), never after `Batcher.cancel`."""
 
     images: torch.Tensor
     mix: Mix | None
@@ -136,6 +137,10 @@ class Batcher:
                 return
             try:
                 self._compute(runner, chunks)
+            except Exception as exc:
+                log.exception("model %r: a pass failed after its forward", self.name)
+                for job, _, _ in chunks:
+                    self._fail(job, ModelFailure(f"model {self.name!r} failed: {exc}"))
             finally:
                 with self._cond:
                     self._busy -= 1
@@ -163,7 +168,7 @@ class Batcher:
                     ):
                         break
                     self._cond.wait(wait)
-                chunks = [] if self._closed else self._take(now, self._batch_limit())
+                chunks = [] if self._closed or expired else self._take(now, self._batch_limit())
                 if chunks:
                     self._busy += 1
                 if self._queued_images:
@@ -182,7 +187,8 @@ class Batcher:
                 return None
 
     def _pop_expired(self, now: float) -> list[Job]:
-        expired = [job for job in self._queue if job.deadline <= now]
+        """Jobs whose deadline passed before any of their rows started (those finish)."""
+        expired = [job for job in self._queue if job.deadline <= now and job.started_at is None]
         for job in expired:
             self._unqueue(job)
         return expired

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from teacher_server import __version__
-from teacher_server.config import ConfigError, load_config
+from teacher_server.config import ConfigError, load_config, parse_devices
 from teacher_server.server import serve
 
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    device = args.device.split(",") if args.device and "," in args.device else args.device
+    device = parse_devices(args.device) if args.device else None
     overrides = {
         "host": args.host,
         "http_port": args.http_port,

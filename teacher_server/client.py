@@ -29,7 +29,7 @@ from teacher_server.codec import (
     tensor_from_wire,
     tensor_to_wire,
 )
-from teacher_server.errors import NotReady, QueueFull, TeacherError
+from teacher_server.errors import DeadlineExceeded, NotReady, QueueFull, TeacherError
 from teacher_server.transports import Transport, open_transport
 from teacher_server.views import Mix
 
@@ -248,8 +248,8 @@ class TeacherClient:
         model = options.get("model") or self.model
         if not model:
             raise ValueError("no model named: pass model=... here or to TeacherClient.connect")
-        if images.dim() != 4:
-            raise ValueError(f"images must be (N, 3, H, W), got shape {list(images.shape)}")
+        if images.dim() != 4 or images.shape[0] == 0:
+            raise ValueError(f"images must be (N, 3, H, W) with N >= 1, got {list(images.shape)}")
         request_id = options.get("request_id") or uuid.uuid4().hex
         common = {
             "model": model,
@@ -323,7 +323,7 @@ class TeacherClient:
             try:
                 return send(transport)
             except TeacherError as error:
-                if isinstance(error, NotReady):
+                if isinstance(error, NotReady | DeadlineExceeded):
                     self._mark_failed(index)
                 delay = self._next_delay(attempt, error, deadline)
                 if delay is None:
@@ -337,7 +337,7 @@ class TeacherClient:
             try:
                 return await send(transport)
             except TeacherError as error:
-                if isinstance(error, NotReady):
+                if isinstance(error, NotReady | DeadlineExceeded):
                     self._mark_failed(index)
                 delay = self._next_delay(attempt, error, deadline)
                 if delay is None:
@@ -403,6 +403,9 @@ def _assemble(parts: list[_Part], answers: list[dict[str, Any]], request_id: str
                 f"expected {part.fields['request_id']!r}"
             )
         timings.append(Timings(**body["timings"]))
+        answered = [body[name]["shape"][0] for name in ("logits", "top_k_values") if name in body]
+        if not answered or answered[0] < part.rows:
+            raise TeacherError(f"answer to {part.fields['request_id']!r} lacks rows: {answered}")
         if "logits" in body:
             full.append(_tensor(body["logits"], "logits")[: part.rows])
         if "top_k_values" in body:

@@ -34,6 +34,8 @@ REQUEST_FIELDS = frozenset(
     {"model", "images", "mix", "temperature", "output", "output_dtype", "top_k", "request_id"}
 )
 MAX_SIDE = 4096
+MAX_DIMS = 8
+MAX_DIM = 2**31 - 1
 MAX_REQUEST_ID = 256
 MSGPACK_CONTENT_TYPE = "application/msgpack"
 TIMEOUT_HEADER = "x-request-timeout-ms"
@@ -109,10 +111,12 @@ def tensor_from_wire(
     if (
         not isinstance(shape, Sequence)
         or isinstance(shape, str | bytes)
-        or not all(_is_int(d) and d >= 0 for d in shape)
+        or len(shape) > MAX_DIMS
+        or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape)
     ):
         raise InvalidRequest(
-            f"{field_name}.shape must be a list of non-negative ints, got {shape!r}"
+            f"{field_name}.shape must be a list of at most {MAX_DIMS} ints in [0, {MAX_DIM}], "
+            f"got {_preview(shape)}"
         )
     data = value.get("data")
     if not isinstance(data, bytes | bytearray | memoryview):
@@ -153,15 +157,13 @@ def parse_request(fields: Any, *, path_model: str | None = None) -> InferRequest
         raise InvalidRequest("images is required")
     images = tensor_from_wire(fields["images"], "images")
     _check_images(images)
-    temperature = fields.get("temperature")
-    if temperature is None:
-        temperature = 1.0
+    temperature = _or_default(fields, "temperature", 1.0)
     if not _is_number(temperature) or not math.isfinite(temperature) or temperature <= 0:
         raise InvalidRequest(f"temperature must be a finite number > 0, got {temperature!r}")
-    output = fields.get("output") or "logits"
+    output = _or_default(fields, "output", "logits")
     if output not in OUTPUTS:
         raise InvalidRequest(f"output must be one of {list(OUTPUTS)}, got {output!r}")
-    output_dtype = fields.get("output_dtype") or "float32"
+    output_dtype = _or_default(fields, "output_dtype", "float32")
     if output_dtype not in OUTPUT_DTYPES:
         raise InvalidRequest(
             f"output_dtype must be one of {list(OUTPUT_DTYPES)}, got {output_dtype!r}"
@@ -169,7 +171,7 @@ def parse_request(fields: Any, *, path_model: str | None = None) -> InferRequest
     top_k = fields.get("top_k")
     if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise InvalidRequest(f"top_k must be an int >= 1, got {top_k!r}")
-    request_id = fields.get("request_id") or ""
+    request_id = _or_default(fields, "request_id", "")
     if not isinstance(request_id, str) or len(request_id) > MAX_REQUEST_ID:
         raise InvalidRequest(
             f"request_id must be a string of at most {MAX_REQUEST_ID} characters, "
@@ -260,6 +262,12 @@ def result_to_wire(result: InferResult) -> dict[str, Any]:
         if tensor is not None:
             body[name] = tensor_to_wire(tensor)
     return body
+
+
+def _or_default(fields: Mapping[str, Any], name: str, default: Any) -> Any:
+    """The field's value; the default only when it is absent or null (never for a wrong value)."""
+    value = fields.get(name)
+    return default if value is None else value
 
 
 def _is_int(value: object) -> TypeGuard[int]:

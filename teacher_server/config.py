@@ -180,6 +180,12 @@ class TeacherConfig(_Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"names must be unique across models and ensembles: {duplicates}")
+        compiled = [m.name for m in self.models if m.compile]
+        if compiled and self.server.replicas_per_device > 1:
+            raise ValueError(
+                f"compile: true needs replicas_per_device: 1 (torch.compile is not thread-safe "
+                f"while compiling); compiled models: {compiled}"
+            )
         for ensemble in self.ensembles:
             unknown = [m for m in ensemble.members if m not in models]
             if unknown:
@@ -214,10 +220,14 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     }
     if environ.get(AUTH_TOKEN_ENV):
         overrides.setdefault("auth_token", environ[AUTH_TOKEN_ENV])
-    for key in ("device",):
-        if key in overrides and "," in overrides[key]:
-            overrides[key] = overrides[key].split(",")
+    if "device" in overrides:
+        overrides["device"] = parse_devices(overrides["device"])
     return overrides
+
+
+def parse_devices(value: str) -> str | list[str]:
+    """`cuda:0,cuda:1` -> a list of devices; a single name stays a string."""
+    return value.split(",") if "," in value else value
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +28,7 @@ from teacher_server.errors import (
 )
 from teacher_server.registry import Registry, Served, ServedEnsemble, ServedModel
 
+log = logging.getLogger(__name__)
 _OUTCOMES: dict[type[TeacherError], str] = {
     QueueFull: "queue_full",
     DeadlineExceeded: "deadline_exceeded",
@@ -63,7 +65,21 @@ class TeacherCore:
         path_model: str | None = None,
         timeout_s: float | None = None,
     ) -> InferResult:
-        """Validate a decoded request, queue it on every member model, wait, combine, temper."""
+        """Validate a decoded request, queue it on every member model, wait, combine, temper.
+
+        Every failure is a TeacherError; an unexpected exception becomes a 500 / INTERNAL one.
+        """
+        try:
+            return await self._handle(fields, path_model, timeout_s)
+        except (TeacherError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            log.exception("unexpected error while answering a request")
+            raise TeacherError(f"internal error: {type(exc).__name__}: {exc}") from exc
+
+    async def _handle(
+        self, fields: Mapping[str, Any], path_model: str | None, timeout_s: float | None
+    ) -> InferResult:
         received = time.monotonic()
         try:
             request = parse_request(fields, path_model=path_model)
@@ -115,10 +131,15 @@ class TeacherCore:
             for job, member in submitted:
                 member.batcher.cancel(job)
             raise
+        member_logits = []
         for job in jobs:
             if job.error is not None:
                 raise job.error
-        member_logits = [job.logits for job in jobs if job.logits is not None]
+            if job.logits is None:
+                raise TeacherError(
+                    f"internal error: a finished job of {target.name!r} has no logits"
+                )
+            member_logits.append(job.logits)
         if isinstance(target, ServedEnsemble):
             raw = combine_members(member_logits, target.member_weights, target.config.combine)
         else:

@@ -92,15 +92,23 @@ class ModelRunner:
             normalize(resize_views(views, self.spec.input_size), self._mean, self._std, out=out)
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
-        """Raw logits (temperature 1) as float32 on the CPU."""
-        with self._on_stream(), torch.inference_mode(), self._autocast():
-            logits = self.module(views)
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            shape = (
-                list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            )
-            raise TypeError(f"model must return (N, num_classes) logits, got {shape}")
-        return logits.to("cpu", torch.float32)
+        """Raw logits (temperature 1) as float32 on the CPU, one row per view."""
+        with self._on_stream(), torch.inference_mode():
+            with self._autocast():
+                logits = self.module(views)
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+                got = (
+                    list(logits.shape)
+                    if isinstance(logits, torch.Tensor)
+                    else type(logits).__name__
+                )
+                raise TypeError(f"model must return (N, num_classes) logits, got {got}")
+            if logits.shape[0] != views.shape[0]:
+                raise TypeError(
+                    f"model returned {logits.shape[0]} rows of logits for {views.shape[0]} images"
+                )
+            # On the replica's stream: the copy waits for this forward, not the default stream.
+            return logits.to("cpu", torch.float32)
 
     @contextlib.contextmanager
     def _on_stream(self) -> Iterator[None]:

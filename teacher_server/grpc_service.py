@@ -8,7 +8,6 @@ the stream, which stays open.
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,12 +18,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from teacher_server._proto import teacher_pb2, teacher_pb2_grpc
 from teacher_server.codec import RETRY_AFTER_METADATA, InferResult, result_to_wire
 from teacher_server.core import TeacherCore
-from teacher_server.errors import ModelFailure, TeacherError
+from teacher_server.errors import TeacherError
 from teacher_server.proto_codec import describe_message, request_fields, response_message
 
 SERVICE_NAME = "kdserve.v1.Teacher"
 HealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]
-log = logging.getLogger(__name__)
 
 
 def _result_message(result: InferResult) -> teacher_pb2.InferResponse:
@@ -52,8 +50,9 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], error: TeacherError
 
 
 def _timeout_s(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
-    remaining = context.time_remaining()
-    return remaining if remaining is not None else None
+    """Seconds left before the call's deadline (None when the client set none)."""
+    remaining: float | None = context.time_remaining()
+    return remaining
 
 
 def _authorization(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
@@ -100,10 +99,6 @@ class TeacherService(teacher_pb2_grpc.TeacherServicer):
                 await answers.put(_result_message(result))
             except TeacherError as error:
                 await answers.put(error_message(error, message.request_id))
-            except Exception as exc:
-                log.exception("InferStream request %r failed", message.request_id)
-                failure = ModelFailure(f"internal error: {type(exc).__name__}: {exc}")
-                await answers.put(error_message(failure, message.request_id))
 
         async def read() -> None:
             async for message in request_iterator:
@@ -112,9 +107,10 @@ class TeacherService(teacher_pb2_grpc.TeacherServicer):
                 task.add_done_callback(pending.discard)
             if pending:
                 await asyncio.wait(set(pending))
-            await answers.put(None)
 
         reader = asyncio.create_task(read())
+        # The sentinel also comes when reading fails, so the loop below never waits forever.
+        reader.add_done_callback(lambda _: answers.put_nowait(None))
         try:
             while (response := await answers.get()) is not None:
                 yield response

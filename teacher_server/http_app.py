@@ -5,8 +5,11 @@ Errors answer as JSON `{"error": {"code", "message"}}` with the status of the er
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import msgpack
 from fastapi import FastAPI, Request
@@ -24,6 +27,8 @@ from teacher_server.core import TeacherCore
 from teacher_server.errors import InvalidRequest, NotReady, RequestTooLarge, TeacherError
 from teacher_server.stats import StatsCollector
 
+T = TypeVar("T")
+CLIENT_CLOSED_REQUEST = 499
 MSGPACK_TYPES = frozenset(
     {MSGPACK_CONTENT_TYPE, "application/x-msgpack", "application/vnd.msgpack"}
 )
@@ -78,6 +83,27 @@ def _timeout_s(request: Request) -> float | None:
     return timeout_ms / 1000.0
 
 
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Await `work`, or cancel it when the client hangs up first (its queued images are dropped)."""
+    task = asyncio.ensure_future(work)
+    hangup = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, hangup}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hangup.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def create_http_app(core: TeacherCore) -> FastAPI:
     """The FastAPI app of one teacher server."""
     app = FastAPI(title="kdserve teacher", version=__version__, docs_url="/docs", redoc_url=None)
@@ -98,7 +124,10 @@ def create_http_app(core: TeacherCore) -> FastAPI:
                 f"content-type must be {MSGPACK_CONTENT_TYPE}, got {content_type or 'none'!r}"
             )
         fields = decode_msgpack(await read_body(request, limit))
-        result = await core.infer(fields, path_model=name, timeout_s=_timeout_s(request))
+        answer = core.infer(fields, path_model=name, timeout_s=_timeout_s(request))
+        result = await _unless_disconnected(request, answer)
+        if result is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         return Response(
             msgpack.packb(result_to_wire(result), use_bin_type=True),
             media_type=MSGPACK_CONTENT_TYPE,

@@ -27,7 +27,7 @@ def request_fields(message: teacher_pb2.InferRequest) -> dict[str, Any]:
     if message.HasField("mix"):
         mix: dict[str, Any] = {"mode": message.mix.mode, "perm": list(message.mix.perm)}
         if message.mix.mode == "mixup":
-            mix["lam"] = message.mix.lam
+            mix["lam"] = message.mix.lam if message.mix.HasField("lam") else None
         else:
             mix["box"] = list(message.mix.box)
         fields["mix"] = mix

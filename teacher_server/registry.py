@@ -242,7 +242,12 @@ class Registry:
             )
         return described
 
+    def drain(self) -> None:
+        """Refuse new requests (503 / UNAVAILABLE); those already queued still run."""
+        self._closed = True
+
     def close(self) -> None:
+        """Refuse new requests and stop the batchers (what is still queued gets 503)."""
         self._closed = True
         for model in self._models.values():
             model.batcher.close()

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import socket
 import threading
 from collections.abc import Iterator
@@ -89,9 +90,14 @@ class TeacherServer:
         self._http = _EmbeddedUvicorn(uv_config)
         self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
         self._grpc, self._health = create_grpc_server(self.core)
-        grpc_port = self._grpc.add_insecure_port(f"{_grpc_host(server.host)}:{server.grpc_port}")
-        if grpc_port == 0:
-            raise OSError(f"cannot bind gRPC to {server.host}:{server.grpc_port}")
+        try:
+            grpc_port = self._grpc.add_insecure_port(
+                f"{_grpc_host(server.host)}:{server.grpc_port}"
+            )
+        except RuntimeError as exc:
+            self._http.should_exit = True
+            await self._http_task
+            raise OSError(f"cannot bind gRPC to {server.host}:{server.grpc_port}: {exc}") from exc
         await set_serving(self._health, False)
         await self._grpc.start()
         while not self._http.started:
@@ -111,7 +117,7 @@ class TeacherServer:
     async def _load(self) -> None:
         try:
             await asyncio.to_thread(self.registry.load)
-        except BaseException as exc:
+        except Exception as exc:
             log.error("model loading failed: %s", exc)
             self.load_error = exc
             self._stopped.set()
@@ -133,18 +139,28 @@ class TeacherServer:
         self._stopped.set()
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        """Stop taking requests, let the ones in flight finish (up to grace_s), free the ports."""
+        """Stop taking requests, let the ones in flight finish (up to grace_s), free the ports.
+
+        From the first moment new requests get 503 / UNAVAILABLE and /readyz says 503, so
+        clients fail over while both transports drain side by side.
+        """
         self._stopped.set()
+        self.registry.drain()
         if self._health is not None:
             await set_serving(self._health, False)
-        if self._grpc is not None:
-            await self._grpc.stop(grace_s)
-        if self._http is not None and self._http_task is not None:
-            self._http.should_exit = True
-            await self._http_task
+        await asyncio.gather(self._stop_grpc(grace_s), self._stop_http())
         if self._load_task is not None:
             await self._load_task
         await asyncio.to_thread(self.registry.close)
+
+    async def _stop_grpc(self, grace_s: float) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(grace_s)
+
+    async def _stop_http(self) -> None:
+        if self._http is not None and self._http_task is not None:
+            self._http.should_exit = True
+            await self._http_task
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:
@@ -168,7 +184,7 @@ async def serve(config: TeacherConfig, port_file: Path | None = None) -> int:
     """Run until SIGINT/SIGTERM; 0 on a clean stop, 1 when models failed to load."""
     server = TeacherServer(config)
     loop = asyncio.get_running_loop()
-    for signum in (2, 15):
+    for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, server.request_stop)
     endpoints = await server.start()
     if port_file is not None:

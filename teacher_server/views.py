@@ -58,7 +58,7 @@ def apply_mix(views: torch.Tensor, partners: torch.Tensor, mix: Mix) -> torch.Te
 
 
 def mix_views(views: torch.Tensor, mix: Mix) -> torch.Tensor:
-    """Mix a whole request's unit-float views, as the server does before any batching."""
+    """Mix a whole request's unit-float views (the server mixes each pass's rows the same way)."""
     perm = torch.as_tensor(mix.perm, dtype=torch.long, device=views.device)
     return apply_mix(views, views.index_select(0, perm), mix)
 

@@ -56,3 +56,20 @@ def save_slow(path: Path, iterations: int) -> Path:
     else:
         torch.jit.script(model).save(str(path))
     return path
+
+
+class Truncating(nn.Module):
+    """A model bug: answers at most two rows, whatever the batch size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean(dim=(2, 3)))[:2]
+
+
+def save_truncating(path: Path) -> Path:
+    torch.manual_seed(0)
+    torch.jit.script(Truncating()).save(str(path))
+    return path

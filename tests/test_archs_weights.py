@@ -9,41 +9,9 @@ import safetensors.torch
 import torch
 
 from teacher_server.archs import UnknownArch, create_model, list_archs, load_archive
-from teacher_server.archs.cifar import CIFAR_ARCHS
 from teacher_server.tv import import_torchvision
 from teacher_server.weights import WeightsError, load_weights, read_state_dict, save_weights
 from tests.archives import save_slow
-
-# Parameter counts at 100 classes; the CRD paper (Tian et al., 2020) reports them rounded.
-PARAMETERS_100_CLASSES = {
-    "resnet20": 278_324,  # 0.28M
-    "resnet32": 472_756,  # 0.47M
-    "resnet56": 861_620,  # 0.86M
-    "resnet110": 1_736_564,  # 1.74M
-    "resnet8x4": 1_233_540,  # 1.23M
-    "resnet32x4": 7_433_860,  # 7.43M
-    "wrn_16_2": 703_284,  # 0.70M
-    "wrn_40_1": 569_780,  # 0.57M
-    "wrn_40_2": 2_255_156,  # 2.26M
-    "vgg8": 3_965_028,  # 3.96M
-    "vgg13": 9_462_180,  # 9.46M
-}
-
-
-@pytest.mark.parametrize("name", sorted(CIFAR_ARCHS))
-def test_cifar_archs_build_and_run(name: str) -> None:
-    model = create_model(f"kdserve:{name}", num_classes=7)
-    assert not model.training
-    with torch.no_grad():
-        for size in (32, 16):
-            logits = model(torch.rand(2, 3, size, size))
-            assert logits.shape == (2, 7) and torch.isfinite(logits).all()
-
-
-@pytest.mark.parametrize(("name", "count"), sorted(PARAMETERS_100_CLASSES.items()))
-def test_cifar_parameter_counts_match_the_literature(name: str, count: int) -> None:
-    model = create_model(f"kdserve:{name}", num_classes=100)
-    assert sum(p.numel() for p in model.parameters()) == count
 
 
 def test_torchvision_models_by_name() -> None:

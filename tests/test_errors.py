@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from typing import Any
 
 import grpc
@@ -16,10 +17,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from teacher_server._proto import teacher_pb2_grpc
 from teacher_server.client import TeacherClient
 from teacher_server.codec import tensor_to_wire
+from teacher_server.config import load_config
 from teacher_server.proto_codec import request_message
 from teacher_server.server import ServerThread
-from tests.archives import save_slow
-from tests.conftest import TOKEN, model_stats, occupy_slow_model, running_server, teacher_config
+from tests.archives import save_slow, save_truncating
+from tests.conftest import (
+    SLOW_BATCH,
+    TOKEN,
+    model_stats,
+    occupy_slow_model,
+    running_server,
+    teacher_config,
+)
 
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 GRPC_AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -98,6 +107,20 @@ BAD_REQUESTS: list[tuple[str, Any]] = [
         },
     ),
     (
+        "overflowing shape",
+        {
+            **good_fields(),
+            "images": {"dtype": "uint8", "shape": [0, 2**63 - 1, 2**40], "data": b""},
+        },
+    ),
+    (
+        "five dims",
+        {**good_fields(), "images": tensor_to_wire(torch.zeros(1, 1, 3, 2, 2, dtype=torch.uint8))},
+    ),
+    ("output of wrong type", {**good_fields(), "output": 0}),
+    ("request_id of wrong type", {**good_fields(), "request_id": 7}),
+    ("mixup without lam", {**good_fields(), "mix": {"mode": "mixup", "perm": [1, 0]}}),
+    (
         "empty batch",
         {**good_fields(), "images": tensor_to_wire(torch.zeros(0, 3, 8, 8, dtype=torch.uint8))},
     ),
@@ -125,7 +148,8 @@ def test_bad_request_is_400_over_http(strict_server: ServerThread, case: str, fi
     assert response.json()["error"]["message"]
 
 
-GRPC_CASES = [c for c in BAD_REQUESTS if c[0] not in ("not a map", "unknown field")]
+HTTP_ONLY = ("not a map", "unknown field", "output of wrong type", "request_id of wrong type")
+GRPC_CASES = [c for c in BAD_REQUESTS if c[0] not in HTTP_ONLY]
 
 
 @pytest.mark.parametrize(("case", "fields"), GRPC_CASES, ids=[c for c, _ in GRPC_CASES])
@@ -300,3 +324,91 @@ def test_not_ready_is_503_unavailable(teachers: dict[str, Any], tmp_path: Any) -
             ).status
             assert status == health_pb2.HealthCheckResponse.SERVING
         assert httpx.get(f"{url}/readyz").status_code == 200
+
+
+def test_model_returning_too_few_rows_is_500_and_the_replica_survives(
+    teachers: dict[str, Any], tmp_path: Any
+) -> None:
+    config = teacher_config(teachers)
+    archive = save_truncating(tmp_path / "t.pt")
+    config["models"].append(
+        {"name": "truncating", "arch": f"file:{archive}", "num_classes": 10, "input_size": 8}
+    )
+    with running_server(config) as server:
+        url = f"{server.endpoints.http_url}/v1/models/truncating/infer"
+        headers = {"content-type": "application/msgpack"}
+        for _ in range(2):
+            bad = httpx.post(
+                url, content=msgpack.packb(good_fields("truncating", n=3)), headers=headers
+            )
+            assert bad.status_code == 500 and "3 images" in bad.json()["error"]["message"]
+            good = httpx.post(
+                url, content=msgpack.packb(good_fields("truncating", n=2)), headers=headers
+            )
+            assert good.status_code == 200
+
+
+def test_http_client_that_hangs_up_is_not_computed(strict_server: ServerThread) -> None:
+    busy = occupy_slow_model(strict_server, 60)
+    try:
+        before = model_stats(strict_server)["slow"]
+        fields = {
+            "model": "slow",
+            "images": tensor_to_wire(torch.zeros(8, 3, 8, 8, dtype=torch.uint8)),
+        }
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                f"{strict_server.endpoints.http_url}/v1/models/slow/infer",
+                content=msgpack.packb(fields),
+                headers={"content-type": "application/msgpack", **AUTH},
+                timeout=0.2,
+            )
+    finally:
+        busy.join()
+    time.sleep(0.2)
+    after = model_stats(strict_server)["slow"]
+    assert after["requests"]["cancelled"] - before["requests"].get("cancelled", 0) == 1
+    computed = after["executed_images"] - before["executed_images"]
+    assert computed <= 60, f"{computed} images computed: the hung-up request ran"
+
+
+def test_shutdown_drains_in_flight_requests_and_refuses_new_ones(
+    teachers: dict[str, Any], tmp_path: Any
+) -> None:
+    config = teacher_config(teachers, max_batch_size=SLOW_BATCH)
+    archive = save_slow(tmp_path / "s.pt", 30)
+    config["models"].append(
+        {"name": "slow", "arch": f"file:{archive}", "num_classes": 10, "input_size": 8}
+    )
+    server = ServerThread(load_config(data=config, environ={})).start()
+    url = server.endpoints.http_url
+    in_flight: dict[str, int] = {}
+    body = msgpack.packb(
+        {"model": "slow", "images": tensor_to_wire(torch.zeros(40, 3, 8, 8, dtype=torch.uint8))}
+    )
+
+    def long_request() -> None:
+        response = httpx.post(
+            f"{url}/v1/models/slow/infer",
+            content=body,
+            headers={"content-type": "application/msgpack"},
+            timeout=30,
+        )
+        in_flight["status"] = response.status_code
+
+    request = threading.Thread(target=long_request)
+    request.start()
+    while model_stats(server)["slow"]["pending_images"] == 0:
+        time.sleep(0.005)
+    stopper = threading.Thread(target=server.stop)
+    stopper.start()
+    readiness = 200
+    while readiness == 200:
+        try:
+            readiness = httpx.get(f"{url}/readyz").status_code
+        except httpx.TransportError:
+            readiness = -1
+    request.join()
+    stopper.join()
+    assert readiness in (503, -1)
+    assert in_flight["status"] == 200, "the request in flight was not drained"

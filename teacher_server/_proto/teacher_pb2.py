@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#teacher_server/_proto/teacher.proto\x12\nkdserve.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\";\n\x03Mix\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0b\n\x03lam\x18\x02 \x01(\x01\x12\x0c\n\x04perm\x18\x03 \x03(\x03\x12\x0b\n\x03\x62ox\x18\x04 \x03(\x03\"\xe1\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06images\x18\x02 \x01(\x0b\x32\x12.kdserve.v1.Tensor\x12\x1c\n\x03mix\x18\x03 \x01(\x0b\x32\x0f.kdserve.v1.Mix\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06output\x18\x05 \x01(\t\x12\x14\n\x0coutput_dtype\x18\x06 \x01(\t\x12\x12\n\x05top_k\x18\x07 \x01(\x03H\x01\x88\x01\x01\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_k\"V\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x13\n\x0b\x62\x61tch_sizes\x18\x04 \x03(\x03\"R\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x13\n\x0bhttp_status\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x15\n\rretry_after_s\x18\x04 \x01(\x01\"\xf3\x01\n\rInferResponse\x12\"\n\x06logits\x18\x01 \x01(\x0b\x32\x12.kdserve.v1.Tensor\x12(\n\x0ctop_k_values\x18\x02 \x01(\x0b\x32\x12.kdserve.v1.Tensor\x12)\n\rtop_k_indices\x18\x03 \x01(\x0b\x32\x12.kdserve.v1.Tensor\x12\r\n\x05model\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12$\n\x07timings\x18\x06 \x01(\x0b\x32\x13.kdserve.v1.Timings\x12 \n\x05\x65rror\x18\x07 \x01(\x0b\x32\x11.kdserve.v1.Error\"\x13\n\x11ListModelsRequest\"\xb4\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bnum_classes\x18\x02 \x01(\x03\x12\x12\n\ninput_size\x18\x03 \x03(\x03\x12\x0c\n\x04mean\x18\x04 \x03(\x01\x12\x0b\n\x03std\x18\x05 \x03(\x01\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0f\n\x07members\x18\x07 \x03(\t\x12\x0f\n\x07\x63ombine\x18\x08 \x01(\t\x12\x16\n\x0emember_weights\x18\t \x03(\x01\x12\x0c\n\x04kind\x18\n \x01(\t\"[\n\x0cServerLimits\x12\x19\n\x11max_request_bytes\x18\x01 \x01(\x03\x12\x16\n\x0emax_batch_size\x18\x02 \x01(\x03\x12\x18\n\x10max_queue_images\x18\x03 \x01(\x03\"e\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.kdserve.v1.ModelInfo\x12(\n\x06limits\x18\x02 \x01(\x0b\x32\x18.kdserve.v1.ServerLimits2\xdc\x01\n\x07Teacher\x12<\n\x05Infer\x12\x18.kdserve.v1.InferRequest\x1a\x19.kdserve.v1.InferResponse\x12\x46\n\x0bInferStream\x12\x18.kdserve.v1.InferRequest\x1a\x19.kdserve.v1.InferResponse(\x01\x30\x01\x12K\n\nListModels\x12\x1d.kdserve.v1.ListModelsRequest\x1a\x1e.kdserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#teacher_server/_proto/teacher.proto\x12\nkdserve.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"H\n\x03Mix\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x10\n\x03lam\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x0c\n\x04perm\x18\x03 \x03(\x03\x12\x0b\n\x03\x62ox\x18\x04 \x03(\x03\x42\x06\n\x04_lam\"\xe1\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06images\x18\x02 \x01(\x0b\x32\x12.kdserve.v1.Tensor\x12\x1c\n\x03mix\x18\x03 \x01(\x0b\x32\x0f.kdserve.v1.Mix\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06output\x18\x05 \x01(\t\x12\x14\n\x0coutput_dtype\x18\x06 \x01(\t\x12\x12\n\x05top_k\x18\x07 \x01(\x03H\x01\x88\x01\x01\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_k\"V\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x13\n\x0b\x62\x61tch_sizes\x18\x04 \x03(\x03\"R\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x13\n\x0bhttp_status\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x15\n\rretry_after_s\x18\x04 \x01(\x01\"\xf3\x01\n\rInferResponse\x12\"\n\x06logits\x18\x01 \x01(\x0b\x32\x12.kdserve.v1.Tensor\x12(\n\x0ctop_k_values\x18\x02 \x01(\x0b\x32\x12.kdserve.v1.Tensor\x12)\n\rtop_k_indices\x18\x03 \x01(\x0b\x32\x12.kdserve.v1.Tensor\x12\r\n\x05model\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12$\n\x07timings\x18\x06 \x01(\x0b\x32\x13.kdserve.v1.Timings\x12 \n\x05\x65rror\x18\x07 \x01(\x0b\x32\x11.kdserve.v1.Error\"\x13\n\x11ListModelsRequest\"\xb4\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bnum_classes\x18\x02 \x01(\x03\x12\x12\n\ninput_size\x18\x03 \x03(\x03\x12\x0c\n\x04mean\x18\x04 \x03(\x01\x12\x0b\n\x03std\x18\x05 \x03(\x01\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0f\n\x07members\x18\x07 \x03(\t\x12\x0f\n\x07\x63ombine\x18\x08 \x01(\t\x12\x16\n\x0emember_weights\x18\t \x03(\x01\x12\x0c\n\x04kind\x18\n \x01(\t\"[\n\x0cServerLimits\x12\x19\n\x11max_request_bytes\x18\x01 \x01(\x03\x12\x16\n\x0emax_batch_size\x18\x02 \x01(\x03\x12\x18\n\x10max_queue_images\x18\x03 \x01(\x03\"e\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.kdserve.v1.ModelInfo\x12(\n\x06limits\x18\x02 \x01(\x0b\x32\x18.kdserve.v1.ServerLimits2\xdc\x01\n\x07Teacher\x12<\n\x05Infer\x12\x18.kdserve.v1.InferRequest\x1a\x19.kdserve.v1.InferResponse\x12\x46\n\x0bInferStream\x12\x18.kdserve.v1.InferRequest\x1a\x19.kdserve.v1.InferResponse(\x01\x30\x01\x12K\n\nListModels\x12\x1d.kdserve.v1.ListModelsRequest\x1a\x1e.kdserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,23 +34,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR']._serialized_start=51
   _globals['_TENSOR']._serialized_end=103
   _globals['_MIX']._serialized_start=105
-  _globals['_MIX']._serialized_end=164
-  _globals['_INFERREQUEST']._serialized_start=167
-  _globals['_INFERREQUEST']._serialized_end=392
-  _globals['_TIMINGS']._serialized_start=394
-  _globals['_TIMINGS']._serialized_end=480
-  _globals['_ERROR']._serialized_start=482
-  _globals['_ERROR']._serialized_end=564
-  _globals['_INFERRESPONSE']._serialized_start=567
-  _globals['_INFERRESPONSE']._serialized_end=810
-  _globals['_LISTMODELSREQUEST']._serialized_start=812
-  _globals['_LISTMODELSREQUEST']._serialized_end=831
-  _globals['_MODELINFO']._serialized_start=834
-  _globals['_MODELINFO']._serialized_end=1014
-  _globals['_SERVERLIMITS']._serialized_start=1016
-  _globals['_SERVERLIMITS']._serialized_end=1107
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1109
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1210
-  _globals['_TEACHER']._serialized_start=1213
-  _globals['_TEACHER']._serialized_end=1433
+  _globals['_MIX']._serialized_end=177
+  _globals['_INFERREQUEST']._serialized_start=180
+  _globals['_INFERREQUEST']._serialized_end=405
+  _globals['_TIMINGS']._serialized_start=407
+  _globals['_TIMINGS']._serialized_end=493
+  _globals['_ERROR']._serialized_start=495
+  _globals['_ERROR']._serialized_end=577
+  _globals['_INFERRESPONSE']._serialized_start=580
+  _globals['_INFERRESPONSE']._serialized_end=823
+  _globals['_LISTMODELSREQUEST']._serialized_start=825
+  _globals['_LISTMODELSREQUEST']._serialized_end=844
+  _globals['_MODELINFO']._serialized_start=847
+  _globals['_MODELINFO']._serialized_end=1027
+  _globals['_SERVERLIMITS']._serialized_start=1029
+  _globals['_SERVERLIMITS']._serialized_end=1120
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1122
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1223
+  _globals['_TEACHER']._serialized_start=1226
+  _globals['_TEACHER']._serialized_end=1446
 # @@protoc_insertion_point(module_scope)

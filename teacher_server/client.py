@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypedDict, TypeVar, Unpack
 
 import torch
 
@@ -37,6 +37,18 @@ T = TypeVar("T")
 RETRYABLE = (NotReady, QueueFull)
 REQUEST_OVERHEAD_BYTES = 4096
 FAILED_ENDPOINT_PAUSE_S = 1.0
+
+
+class InferOptions(TypedDict, total=False):
+    """Keyword options of every infer call (all optional)."""
+
+    model: str
+    temperature: float
+    mix: Mix | None
+    output: Output
+    output_dtype: OutputDtype
+    request_id: str
+    timeout_s: float
 
 
 class TopK(NamedTuple):
@@ -116,44 +128,20 @@ class TeacherClient:
 
     # ---- sync API -------------------------------------------------------------------------
 
-    def infer(
-        self,
-        images: torch.Tensor,
-        *,
-        model: str | None = None,
-        temperature: float = 1.0,
-        mix: Mix | None = None,
-        output: Output = "logits",
-        output_dtype: OutputDtype = "float32",
-        request_id: str | None = None,
-        timeout_s: float | None = None,
-    ) -> torch.Tensor:
+    def infer(self, images: torch.Tensor, **options: Unpack[InferOptions]) -> torch.Tensor:
         """Teacher outputs (N, num_classes) for the view `images` (N, 3, H, W)."""
-        reply = self.request(
-            images,
-            model=model,
-            temperature=temperature,
-            mix=mix,
-            output=output,
-            output_dtype=output_dtype,
-            request_id=request_id,
-            timeout_s=timeout_s,
-        )
-        assert reply.logits is not None
-        return reply.logits
+        return _full(self.request(images, **options))
 
-    def infer_top_k(self, images: torch.Tensor, k: int, **options: Any) -> TopK:
+    def infer_top_k(self, images: torch.Tensor, k: int, **options: Unpack[InferOptions]) -> TopK:
         """The k largest outputs per image and their class indices."""
-        reply = self.request(images, top_k=k, **options)
-        assert reply.top_k is not None
-        return reply.top_k
+        return _top_k(self.request(images, top_k=k, **options))
 
     def request(
-        self, images: torch.Tensor, *, timeout_s: float | None = None, **options: Any
+        self, images: torch.Tensor, *, top_k: int | None = None, **options: Unpack[InferOptions]
     ) -> TeacherReply:
         """The full answer (outputs, request_id, server timings); chunked when over the limit."""
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
-        parts, request_id = self._plan(images, options, self._limit(deadline))
+        deadline = self._deadline(options)
+        parts, request_id = self._plan(images, top_k, options, self._limit(deadline))
         answers = [self._infer_part(part.fields, deadline) for part in parts]
         return _assemble(parts, answers, request_id)
 
@@ -174,40 +162,20 @@ class TeacherClient:
     # ---- async API ------------------------------------------------------------------------
 
     async def infer_async(
-        self,
-        images: torch.Tensor,
-        *,
-        model: str | None = None,
-        temperature: float = 1.0,
-        mix: Mix | None = None,
-        output: Output = "logits",
-        output_dtype: OutputDtype = "float32",
-        request_id: str | None = None,
-        timeout_s: float | None = None,
+        self, images: torch.Tensor, **options: Unpack[InferOptions]
     ) -> torch.Tensor:
-        reply = await self.request_async(
-            images,
-            model=model,
-            temperature=temperature,
-            mix=mix,
-            output=output,
-            output_dtype=output_dtype,
-            request_id=request_id,
-            timeout_s=timeout_s,
-        )
-        assert reply.logits is not None
-        return reply.logits
+        return _full(await self.request_async(images, **options))
 
-    async def infer_top_k_async(self, images: torch.Tensor, k: int, **options: Any) -> TopK:
-        reply = await self.request_async(images, top_k=k, **options)
-        assert reply.top_k is not None
-        return reply.top_k
+    async def infer_top_k_async(
+        self, images: torch.Tensor, k: int, **options: Unpack[InferOptions]
+    ) -> TopK:
+        return _top_k(await self.request_async(images, top_k=k, **options))
 
     async def request_async(
-        self, images: torch.Tensor, *, timeout_s: float | None = None, **options: Any
+        self, images: torch.Tensor, *, top_k: int | None = None, **options: Unpack[InferOptions]
     ) -> TeacherReply:
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
-        parts, request_id = self._plan(images, options, await self._limit_async(deadline))
+        deadline = self._deadline(options)
+        parts, request_id = self._plan(images, top_k, options, await self._limit_async(deadline))
         answers = await asyncio.gather(
             *(self._infer_part_async(part.fields, deadline) for part in parts)
         )
@@ -231,20 +199,17 @@ class TeacherClient:
 
     # ---- shared machinery -----------------------------------------------------------------
 
+    def _deadline(self, options: InferOptions) -> float:
+        return time.monotonic() + (options.get("timeout_s") or self.timeout_s)
+
     def _plan(
-        self, images: torch.Tensor, options: dict[str, Any], limit: int
+        self, images: torch.Tensor, top_k: int | None, options: InferOptions, limit: int
     ) -> tuple[list[_Part], str]:
-        unknown = set(options) - {
-            "model",
-            "temperature",
-            "mix",
-            "output",
-            "output_dtype",
-            "request_id",
-            "top_k",
-        }
+        unknown = set(options) - set(InferOptions.__annotations__)
         if unknown:
-            raise TypeError(f"unknown options {sorted(unknown)}")
+            raise TypeError(
+                f"unknown options {sorted(unknown)}; known: {sorted(InferOptions.__annotations__)}"
+            )
         model = options.get("model") or self.model
         if not model:
             raise ValueError("no model named: pass model=... here or to TeacherClient.connect")
@@ -256,10 +221,10 @@ class TeacherClient:
             "temperature": float(options.get("temperature", 1.0)),
             "output": options.get("output", "logits"),
             "output_dtype": options.get("output_dtype", "float32"),
-            "top_k": options.get("top_k"),
+            "top_k": top_k,
         }
         images = images.detach().to("cpu")
-        mix: Mix | None = options.get("mix")
+        mix = options.get("mix")
         spans = _spans(images, mix, limit)
         parts = []
         for index, (start, stop) in enumerate(spans):
@@ -344,6 +309,18 @@ class TeacherClient:
                     raise
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
+
+
+def _full(reply: TeacherReply) -> torch.Tensor:
+    if reply.logits is None:
+        raise TeacherError(f"answer to {reply.request_id!r} carries no logits")
+    return reply.logits
+
+
+def _top_k(reply: TeacherReply) -> TopK:
+    if reply.top_k is None:
+        raise TeacherError(f"answer to {reply.request_id!r} carries no top-k")
+    return reply.top_k
 
 
 def _left(deadline: float) -> float:

@@ -67,8 +67,8 @@ class HttpTransport:
     def __init__(self, url: str, token: str | None) -> None:
         self.url = url.rstrip("/")
         self._headers = {"authorization": f"Bearer {token}"} if token else {}
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-        self._client = httpx.Client(base_url=self.url, headers=self._headers, limits=limits)
+        self._limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        self._client = httpx.Client(base_url=self.url, headers=self._headers, limits=self._limits)
         self._async_client: httpx.AsyncClient | None = None
         self._async_loop: asyncio.AbstractEventLoop | None = None
 
@@ -106,7 +106,9 @@ class HttpTransport:
     def _aclient(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
         if self._async_client is None or self._async_loop is not loop:
-            self._async_client = httpx.AsyncClient(base_url=self.url, headers=self._headers)
+            self._async_client = httpx.AsyncClient(
+                base_url=self.url, headers=self._headers, limits=self._limits
+            )
             self._async_loop = loop
         return self._async_client
 

@@ -296,3 +296,19 @@ def test_compiled_model_answers_like_eager(teachers: dict[str, Any]) -> None:
     ):
         served = client.infer(images, model="small")
     assert (served - in_process(teachers["small"], images)).abs().max().item() < TOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_float16_server_matches_in_process(teachers: dict[str, Any]) -> None:
+    """On a GPU: fp16 autocast on the device, answers close to the fp32 model on the CPU."""
+    config = teacher_config(teachers, device="cuda")
+    config["models"][0].update(dtype="float16", channels_last=True)
+    images = _images(64, 32, seed=31)
+    with running_server(config) as gpu, TeacherClient.connect(gpu.endpoints.grpc_url) as client:
+        served = client.infer(images, model="small")
+        mixed = client.infer(
+            images, model="small", mix=Mix("mixup", tuple(range(63, -1, -1)), lam=0.4)
+        )
+    assert (served - in_process(teachers["small"], images)).abs().max().item() < 0.05
+    mix = {"mode": "mixup", "perm": list(range(63, -1, -1)), "lam": 0.4}
+    assert (mixed - in_process(teachers["small"], images, mix)).abs().max().item() < 0.05

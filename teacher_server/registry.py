@@ -84,7 +84,7 @@ def build_module(config: ModelConfig) -> torch.nn.Module:
     """The model's architecture with its weights (random ones, seeded, only if asked for)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
-        module = create_model(config.arch, num_classes=config.num_classes)
+        module = create_model(config.arch, config.num_classes, config.input_size)
     if config.weights is not None:
         load_weights(module, Path(config.weights))
     return module

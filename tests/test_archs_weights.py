@@ -111,3 +111,26 @@ def test_pickled_objects_are_never_loaded(tmp_path: Path) -> None:
     safetensors.torch.save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(WeightsError, match="missing"):
         load_weights(_model(), tmp_path / "other.safetensors")
+
+
+@pytest.mark.parametrize(("name", "count"), [("deit_tiny", 5_910_800), ("deit_base", 87_338_192)])
+def test_deit_parameter_counts_match_the_distilled_models(name: str, count: int) -> None:
+    """DeiT-Ti and DeiT-B with distillation token at 224 px, 1000 classes (5.91M and 87.34M)."""
+    model = create_model(f"kdserve:{name}", num_classes=1000)
+    assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_deit_answers_the_mean_of_its_two_heads_at_any_registered_size() -> None:
+    torch.manual_seed(0)
+    model = create_model("kdserve:deit_small", num_classes=10, image_size=(32, 32))
+    images = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        cls_logits, dist_logits = model.forward_heads(images)  # type: ignore[operator]
+        assert torch.allclose(model(images), (cls_logits + dist_logits) / 2)
+    assert not torch.allclose(cls_logits, dist_logits)
+    with pytest.raises(ValueError, match=r"expects \[32, 32\] px images"):
+        model(torch.rand(1, 3, 48, 48))
+    assert create_model("torchvision:vit_b_16", 10, (32, 32))(torch.rand(1, 3, 32, 32)).shape == (
+        1,
+        10,
+    )

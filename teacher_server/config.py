@@ -201,7 +201,8 @@ class TeacherConfig(_Strict):
         return self
 
 
-def _format_validation_error(error: ValidationError, source: str) -> str:
+def format_validation_error(error: ValidationError, source: str) -> str:
+    """One line per bad field: where, what is wrong, and the value given."""
     lines = [f"invalid configuration in {source}:"]
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "(top level)"
@@ -243,6 +244,21 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
             model["arch"] = "file:" + str(base / arch[5:])
 
 
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (an empty file is an empty mapping)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(loaded, dict | None):
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
+    return dict(loaded or {})
+
+
 def load_config(
     path: Path | None = None,
     *,
@@ -256,19 +272,7 @@ def load_config(
     """
     source = str(path) if path is not None else "<dict>"
     if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict | None):
-            raise ConfigError(
-                f"config file {path} must hold a mapping, got {type(loaded).__name__}"
-            )
-        raw: dict[str, Any] = dict(loaded or {})
+        raw = read_yaml_mapping(path)
         _resolve_paths(raw, Path(path).resolve().parent)
     else:
         raw = dict(data or {})
@@ -279,4 +283,4 @@ def load_config(
     try:
         return TeacherConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from None
+        raise ConfigError(format_validation_error(exc, source)) from None

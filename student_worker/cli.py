@@ -1,0 +1,94 @@
+"""`kdserve-student`: train a student against a remote teacher; `export` its weights."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from student_worker import __version__
+from student_worker.checkpoint import CheckpointError, load_checkpoint
+from student_worker.config import load_run_config
+from student_worker.trainer import Trainer, TrainingError
+from teacher_server.config import ConfigError
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdserve-student",
+        description="Train a student with a remote teacher (kdserve-student export RUN_DIR "
+        "--out student.safetensors writes its weights for the teacher server).",
+    )
+    parser.add_argument("--config", type=Path, help="student YAML file (defaults otherwise)")
+    parser.add_argument(
+        "--teacher", action="append", help="teacher endpoint(s), e.g. grpc://host:50051"
+    )
+    parser.add_argument("--teacher-model", help="the served model or ensemble to learn from")
+    parser.add_argument("--loss", help="ce, kd, dkd, dist or deit")
+    parser.add_argument("--arch", help="student arch, e.g. kdserve:resnet8x4")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--output-dir", type=Path)
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    parser.add_argument("--version", action="version", version=f"kdserve-student {__version__}")
+    return parser
+
+
+def export(run_dir: Path, out: Path) -> None:
+    """Write a run's student weights as safetensors (the form the teacher server loads)."""
+    import safetensors.torch
+
+    state = load_checkpoint(run_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in state["model"].items()}
+    safetensors.torch.save_file(tensors, str(out))
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["export"]:
+        parser = argparse.ArgumentParser(prog="kdserve-student export")
+        parser.add_argument("run_dir", type=Path)
+        parser.add_argument("--out", type=Path, required=True)
+        args = parser.parse_args(arguments[1:])
+        try:
+            export(args.run_dir, args.out)
+        except CheckpointError as exc:
+            print(f"kdserve-student: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.out}")
+        return 0
+    args = train_parser().parse_args(arguments)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    overrides = {
+        "teacher.endpoints": args.teacher,
+        "teacher.model": args.teacher_model,
+        "loss.name": args.loss,
+        "student.arch": args.arch,
+        "epochs": args.epochs,
+        "max_steps": args.max_steps,
+        "batch_size": args.batch_size,
+        "optimizer.lr": args.lr,
+        "seed": args.seed,
+        "threads": args.threads,
+        "output_dir": str(args.output_dir) if args.output_dir else None,
+    }
+    try:
+        config = load_run_config(args.config, overrides)
+        trainer = Trainer(config, resume=args.resume)
+        metrics = trainer.fit()
+    except (ConfigError, TrainingError, CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"kdserve-student: {exc}", file=sys.stderr)
+        return 2
+    print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return 0

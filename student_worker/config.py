@@ -1,0 +1,143 @@
+"""Student run configuration: pydantic models loaded from YAML, overridden by CLI flags.
+
+Every loss hyper-parameter or trainer weight left unset takes the contract's default for the
+loss and image scale (`student_worker.losses.defaults`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from student_worker.data import DatasetName
+from student_worker.losses import LOSSES
+from teacher_server.config import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ConfigError,
+    format_validation_error,
+    read_yaml_mapping,
+)
+
+LossName = Literal["ce", "kd", "dkd", "dist", "deit"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    name: DatasetName = "digits"
+    root: Path | None = None
+    eval_root: Path | None = None
+    image_size: int | None = Field(None, ge=8)
+    labeled_fraction: float = Field(1.0, ge=0.0, le=1.0)
+    unlabeled_root: Path | None = None
+    eval_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    workers: int = Field(0, ge=0)
+
+
+class AugmentConfig(_Strict):
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    flip: bool = True
+    mixup_alpha: float = Field(0.0, ge=0.0)
+    cutmix_alpha: float = Field(0.0, ge=0.0)
+    mix_prob: float = Field(1.0, ge=0.0, le=1.0)
+    switch_prob: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class LossConfig(_Strict):
+    """`ce` trains on labels alone; the others add a distillation term from the teacher."""
+
+    name: LossName = "kd"
+    hyperparameters: dict[str, float | str] = {}
+    ce_weight: float | None = Field(None, ge=0.0)
+    kd_weight: float | None = Field(None, ge=0.0)
+    warmup_epochs: int | None = Field(None, ge=0)
+    label_smoothing: float | None = Field(None, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _known(self) -> LossConfig:
+        if self.name != "ce" and self.name not in LOSSES:
+            raise ValueError(f"unknown loss {self.name!r}; known: ce, {', '.join(sorted(LOSSES))}")
+        return self
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0.0)
+
+
+class ScheduleConfig(_Strict):
+    name: Literal["cosine", "multistep"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    milestones: list[int] = []
+    gamma: float = Field(0.1, gt=0.0)
+
+
+class TeacherSettings(_Strict):
+    endpoints: list[str] = []
+    model: str | None = None
+    token: SecretStr | None = None
+    prefetch: int = Field(3, ge=0)
+    timeout_s: float = Field(60.0, gt=0.0)
+
+
+class StudentConfig(_Strict):
+    arch: str = "kdserve:resnet8"
+    init_weights: Path | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+class RunConfig(_Strict):
+    """A whole student run."""
+
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    loss: LossConfig = LossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    teacher: TeacherSettings = TeacherSettings()
+    student: StudentConfig = StudentConfig()
+    epochs: int = Field(10, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(64, ge=1)
+    amp: bool = False
+    grad_clip: float | None = Field(None, gt=0.0)
+    seed: int = 0
+    threads: int | None = Field(None, ge=1)
+    output_dir: Path = Path("runs/student")
+    checkpoint_every: int = Field(200, ge=1)
+
+    @model_validator(mode="after")
+    def _teacher_when_distilling(self) -> RunConfig:
+        if self.loss.name != "ce" and not self.teacher.endpoints:
+            raise ValueError(
+                f"loss {self.loss.name!r} needs a teacher: set teacher.endpoints or --teacher"
+            )
+        return self
+
+
+def load_run_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """YAML file (optional) + dotted overrides such as {"loss.name": "dkd", "epochs": 3}."""
+    raw: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        source = str(path) if path is not None else "<defaults>"
+        raise ConfigError(format_validation_error(exc, source)) from None

@@ -1,0 +1,417 @@
+"""The training loop, readable in one sitting: augment once, ask the teacher, step the student.
+
+Per step: a uint8 batch -> one consistent view (crop, flip, mix parameters) -> the teacher's
+raw logits for that view (prefetched K steps ahead) -> the student's forward on the same
+view -> ce_weight * CE(mixed labels, labeled samples only) + ramp * kd_weight * distillation
+-> backward, clip, step. Every epoch: accuracy and fidelity against the teacher on the
+held-out split (teacher logits fetched once and cached), written as JSON lines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from student_worker.augment import AugmentedBatch, AugmentSettings, ConsistentViews, student_input
+from student_worker.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from student_worker.config import RunConfig
+from student_worker.data import build_datasets, collate_uint8
+from student_worker.losses import TRAINER_SETTINGS, LossFn, build, defaults
+from student_worker.metrics import FidelityMeter
+from student_worker.prefetch import Prefetcher, TeacherRequests
+from teacher_server.archs import create_model
+from teacher_server.client import TeacherClient
+from teacher_server.weights import load_weights
+
+log = logging.getLogger(__name__)
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot start or go on; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One training step's batch, as the prefetcher carries it."""
+
+    index: int
+    epoch: int
+    batch: AugmentedBatch
+
+
+class Trainer:
+    """One student run: data, student, teacher connection, optimizer, schedule, checkpoints."""
+
+    def __init__(self, config: RunConfig, *, resume: bool = False) -> None:
+        self.config = config
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)
+        data = config.data
+        self.train_set, self.eval_set, self.info = build_datasets(
+            data.name,
+            root=data.root,
+            eval_root=data.eval_root,
+            image_size=data.image_size,
+            labeled_fraction=data.labeled_fraction,
+            seed=config.seed,
+            eval_fraction=data.eval_fraction,
+            unlabeled_root=data.unlabeled_root,
+        )
+        size = self.info.image_size
+        self.student_size = (size, size)
+        self.model = create_model(config.student.arch, self.info.num_classes, self.student_size)
+        if config.student.init_weights is not None:
+            load_weights(self.model, config.student.init_weights)
+        self.mean = torch.tensor(config.student.mean)
+        self.std = torch.tensor(config.student.std)
+        self.recipe = self._recipe()
+        self.distill: LossFn | None = None
+        self.teacher: TeacherRequests | None = None
+        view_size = size
+        if config.loss.name != "ce":
+            self.distill = build(
+                config.loss.name,
+                **{k: v for k, v in self.recipe.items() if k not in TRAINER_SETTINGS},
+            )
+            self.teacher, view_size = self._connect_teacher()
+        self.views = ConsistentViews(
+            AugmentSettings(
+                view_size=view_size,
+                crop_scale=config.augment.crop_scale,
+                flip=config.augment.flip,
+                mixup_alpha=config.augment.mixup_alpha,
+                cutmix_alpha=config.augment.cutmix_alpha,
+                mix_prob=config.augment.mix_prob,
+                switch_prob=config.augment.switch_prob,
+            ),
+            seed=config.seed,
+        )
+        self.loader = self._loader()
+        self.steps_per_epoch = len(self.loader)
+        self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
+        self.optimizer = self._optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp and torch.cuda.is_available())
+        self.step = 0
+        self.out = config.output_dir
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._eval_teacher_logits: torch.Tensor | None = None
+        self._stop_requested = False
+        self._augment_states: dict[int, dict[str, Any]] = {}
+        self._epoch_order: torch.Tensor | None = None
+        self._resume_order: torch.Tensor | None = None
+        if resume:
+            self._resume()
+
+    # ---- set-up -------------------------------------------------------------------------
+
+    def _recipe(self) -> dict[str, Any]:
+        loss = self.config.loss
+        recipe: dict[str, Any] = (
+            {"ce_weight": 1.0, "kd_weight": 0.0, "warmup_epochs": 0, "label_smoothing": 0.0}
+            if loss.name == "ce"
+            else defaults(loss.name, self.info.image_size)
+        )
+        recipe.update(loss.hyperparameters)
+        for key in TRAINER_SETTINGS:
+            if getattr(loss, key) is not None:
+                recipe[key] = getattr(loss, key)
+        return recipe
+
+    def _connect_teacher(self) -> tuple[TeacherRequests, int]:
+        settings = self.config.teacher
+        token = settings.token.get_secret_value() if settings.token else None
+        client = TeacherClient.connect(
+            settings.endpoints, token=token, timeout_s=settings.timeout_s
+        )
+        served = {m.name: m for m in client.list_models()}
+        name = settings.model or (next(iter(served)) if len(served) == 1 else None)
+        if name not in served:
+            raise TrainingError(
+                f"teacher model {name!r} is not served at {settings.endpoints}; "
+                f"available: {sorted(served)}"
+            )
+        info = served[name]
+        if info.num_classes != self.info.num_classes:
+            raise TrainingError(
+                f"the teacher {name!r} has {info.num_classes} classes but the data set "
+                f"{self.info.name!r} has {self.info.num_classes}"
+            )
+        run_id = f"{self.config.output_dir.name}-{uuid.uuid4().hex[:8]}"
+        view_size = max(self.info.image_size, *info.input_size)
+        return TeacherRequests(client, name, run_id=run_id), view_size
+
+    def _loader(self) -> DataLoader[tuple[torch.Tensor, int, int]]:
+        """Shuffled full batches; a CE-only student sees the labeled samples alone."""
+        everything = range(len(self.train_set))
+        labeled = self.train_set.labeled_indices().tolist()
+        dataset = Subset(self.train_set, labeled if self.config.loss.name == "ce" else everything)
+        if len(dataset) < self.config.batch_size:
+            raise TrainingError(
+                f"batch_size {self.config.batch_size} is larger than the {len(dataset)} "
+                "training images"
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.config.batch_size,
+            shuffle=True,
+            drop_last=True,
+            collate_fn=collate_uint8,
+            num_workers=self.config.data.workers,
+            generator=torch.Generator().manual_seed(self.config.seed),
+        )
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        settings = self.config.optimizer
+        if settings.name == "adamw":
+            return torch.optim.AdamW(
+                self.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+            )
+        return torch.optim.SGD(
+            self.model.parameters(),
+            lr=settings.lr,
+            momentum=settings.momentum,
+            nesterov=settings.nesterov,
+            weight_decay=settings.weight_decay,
+        )
+
+    def _lr_factor(self, step: int) -> float:
+        schedule = self.config.schedule
+        warmup = schedule.warmup_epochs * self.steps_per_epoch
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule.name == "multistep":
+            epoch = step // self.steps_per_epoch
+            return float(schedule.gamma ** sum(epoch >= m for m in schedule.milestones))
+        progress = (step - warmup) / max(1.0, self.total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    def fit(self) -> dict[str, float]:
+        """Train to the end (or to SIGTERM, after a checkpoint); returns the last evaluation."""
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if in_main_thread else None
+        metrics: dict[str, float] = {}
+        try:
+            while self.step < self.total_steps and not self._stop_requested:
+                epoch = self.step // self.steps_per_epoch
+                self._train_epoch(epoch)
+                if self._stop_requested:
+                    break
+                metrics = self.evaluate(epoch + 1)
+            save_checkpoint(self.out, self._state())
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
+        return metrics
+
+    def _train_epoch(self, epoch: int) -> None:
+        self.model.train()
+        started, images = time.monotonic(), 0
+        for item, teacher_logits in self._fetching(self._steps(epoch)):
+            loss, parts = self._train_step(item, teacher_logits)
+            images += item.batch.view.shape[0]
+            self.step += 1
+            self._augment_states.pop(item.index, None)
+            if self.step % self.config.checkpoint_every == 0:
+                save_checkpoint(self.out, self._state())
+            rate = images / max(1e-9, time.monotonic() - started)
+            self._write(
+                {
+                    "kind": "train",
+                    "step": self.step,
+                    "epoch": epoch + 1,
+                    "loss": loss,
+                    **parts,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "images_per_s": rate,
+                    "teacher_ms": self.teacher.round_trip_s * 1e3 if self.teacher else 0.0,
+                }
+            )
+            if self._stop_requested or self.step >= self.total_steps:
+                break
+
+    def _steps(self, epoch: int) -> Iterator[Step]:
+        """This epoch's batches from the current step on; remembers the RNG states to resume."""
+        if self.loader.generator is not None:
+            if self._resume_order is not None:
+                self.loader.generator.set_state(self._resume_order)
+                self._resume_order = None
+            self._epoch_order = self.loader.generator.get_state()
+        skip = self.step - epoch * self.steps_per_epoch
+        for index, (images, labels, _) in enumerate(self.loader):
+            if index < skip:
+                continue
+            step = epoch * self.steps_per_epoch + index
+            self._augment_states[step] = dict(self.views.rng.bit_generator.state)
+            yield Step(step, epoch, self.views(images, labels))
+
+    def _fetching(self, steps: Iterator[Step]) -> Iterator[tuple[Step, torch.Tensor | None]]:
+        if self.teacher is None:
+            for step in steps:
+                yield step, None
+            return
+        teacher = self.teacher
+        prefetch: Prefetcher[Step] = Prefetcher(
+            lambda item: teacher.logits(item.index, item.batch.view, item.batch.mix),
+            depth=self.config.teacher.prefetch,
+        )
+        yield from prefetch(steps)
+
+    def _train_step(
+        self, item: Step, teacher_logits: torch.Tensor | None
+    ) -> tuple[float, dict[str, float]]:
+        batch = item.batch
+        inputs = student_input(batch.view, batch.mix, self.student_size, self.mean, self.std)
+        class_logits, distill_logits = self._heads(inputs)
+        ce = self._mixed_cross_entropy(class_logits, batch)
+        total = self.recipe["ce_weight"] * ce
+        parts = {"ce": float(ce.detach())}
+        if self.distill is not None and teacher_logits is not None:
+            targets = batch.targets.dominant
+            unlabeled = targets < 0
+            targets = torch.where(unlabeled, teacher_logits.argmax(dim=1), targets)
+            distill = self.distill(distill_logits, teacher_logits, targets)
+            total = total + self._ramp(item.epoch) * self.recipe["kd_weight"] * distill
+            parts["distill"] = float(distill.detach())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.config.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return float(total.detach()), parts
+
+    def _heads(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class-head logits, logits the distillation loss reads): DeiT's two heads, or one."""
+        forward_heads = getattr(self.model, "forward_heads", None)
+        if callable(forward_heads):
+            heads: tuple[torch.Tensor, torch.Tensor] = forward_heads(inputs)
+            return heads
+        logits: torch.Tensor = self.model(inputs)
+        return logits, logits
+
+    def _mixed_cross_entropy(self, logits: torch.Tensor, batch: AugmentedBatch) -> torch.Tensor:
+        """lam * CE(y_a) + (1 - lam) * CE(y_b) over samples whose both labels are known."""
+        targets = batch.targets
+        labeled = (targets.labels_a >= 0) & (targets.labels_b >= 0)
+        if not bool(labeled.any()):
+            return logits.sum() * 0.0
+        smoothing = float(self.recipe["label_smoothing"])
+        chosen = logits[labeled]
+        loss_a = F.cross_entropy(chosen, targets.labels_a[labeled], label_smoothing=smoothing)
+        if targets.lam == 1.0:
+            return loss_a
+        loss_b = F.cross_entropy(chosen, targets.labels_b[labeled], label_smoothing=smoothing)
+        return targets.lam * loss_a + (1.0 - targets.lam) * loss_b
+
+    def _ramp(self, epoch: int) -> float:
+        warmup = int(self.recipe["warmup_epochs"])
+        return 1.0 if warmup == 0 else min(1.0, (epoch + 1) / warmup)
+
+    # ---- evaluation, state, logs --------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """Student (and teacher) accuracy and fidelity on the held-out split."""
+        self.model.eval()
+        loader = DataLoader(self.eval_set, batch_size=256, collate_fn=collate_uint8)
+        batches = list(loader)
+        teacher_logits = self._eval_teacher(batches)
+        meter = FidelityMeter()
+        offset = 0
+        for images, labels, _ in batches:
+            inputs = student_input(images, None, self.student_size, self.mean, self.std)
+            logits = self.model(inputs)
+            count = images.shape[0]
+            teacher = (
+                teacher_logits[offset : offset + count] if teacher_logits is not None else logits
+            )
+            meter.update(logits, teacher, labels)
+            offset += count
+        metrics = meter.compute()
+        if teacher_logits is None:
+            metrics = {
+                "student_accuracy": metrics["student_accuracy"],
+                "nll": metrics["nll"],
+                "ece": metrics["ece"],
+                "samples": metrics["samples"],
+            }
+        self._write({"kind": "eval", "step": self.step, "epoch": epoch, **metrics})
+        log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        self.model.train()
+        return metrics
+
+    def _eval_teacher(
+        self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor | None:
+        if self.teacher is None:
+            return None
+        if self._eval_teacher_logits is None:
+            self._eval_teacher_logits = torch.cat(
+                [
+                    self.teacher.logits(-1 - index, images, None)
+                    for index, (images, _, _) in enumerate(batches)
+                ]
+            )
+        return self._eval_teacher_logits
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "augment_rng": self._augment_states.get(self.step, self.views.rng.bit_generator.state),
+            "epoch_order": self._epoch_order,
+            "config": self.config.model_dump(mode="json", exclude={"teacher": {"token"}}),
+        }
+
+    def _resume(self) -> None:
+        state = load_checkpoint(self.out)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state["rng"])
+        self.views.rng = np.random.default_rng()
+        self.views.rng.bit_generator.state = state["augment_rng"]
+        self._resume_order = state["epoch_order"]
+        self.step = int(state["step"])
+        log.info("resumed %s at step %d", self.out, self.step)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        with open(self.out / METRICS_FILE, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        log.warning("SIGTERM: finishing this step, writing a checkpoint and stopping")
+        self._stop_requested = True
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Every JSON line a run wrote."""
+    path = run_dir / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

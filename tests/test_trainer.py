@@ -1,0 +1,188 @@
+"""Student runs through the real trainer and CLI against a real teacher server on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from student_worker.checkpoint import CheckpointError
+from student_worker.config import load_run_config
+from student_worker.trainer import Trainer, TrainingError, read_metrics
+from teacher_server.client import TeacherClient
+from teacher_server.server import ServerThread
+from tests.conftest import running_server
+
+pytestmark = pytest.mark.slow
+
+
+def run_config(server: ServerThread, out: Path, **overrides: Any) -> Any:
+    base = {
+        "teacher.endpoints": [server.endpoints.grpc_url],
+        "teacher.model": "small",
+        "batch_size": 32,
+        "max_steps": 16,
+        "output_dir": str(out),
+        "threads": 1,
+        "checkpoint_every": 4,
+    }
+    return load_run_config(None, {**base, **overrides})
+
+
+def train_losses(out: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(out) if r["kind"] == "train"]
+
+
+def test_two_students_train_at_once_on_one_teacher(server: ServerThread, tmp_path: Path) -> None:
+    results: dict[str, Any] = {}
+
+    def student(loss: str) -> None:
+        trainer = Trainer(
+            run_config(server, tmp_path / loss, **{"loss.name": loss, "max_steps": 24})
+        )
+        results[loss] = trainer.fit()
+
+    threads = [threading.Thread(target=student, args=(loss,)) for loss in ("dkd", "dist")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for loss in ("dkd", "dist"):
+        losses = train_losses(tmp_path / loss)
+        assert len(losses) == 24
+        assert sum(losses[-5:]) < sum(losses[:5]), f"{loss} did not decrease: {losses}"
+        metrics = results[loss]
+        assert 0.0 <= metrics["agreement"] <= 1.0 and metrics["kl"] >= 0.0
+        evaluations = [r for r in read_metrics(tmp_path / loss) if r["kind"] == "eval"]
+        assert evaluations and {"student_accuracy", "teacher_accuracy", "ece", "nll"} <= set(
+            evaluations[-1]
+        )
+
+
+def test_resume_continues_the_same_loss_curve(server: ServerThread, tmp_path: Path) -> None:
+    """Stopped by SIGTERM part-way, resumed: the remaining steps match an uninterrupted run."""
+    Trainer(run_config(server, tmp_path / "whole", **{"loss.name": "dkd"})).fit()
+    reference = train_losses(tmp_path / "whole")
+    interrupted = Trainer(run_config(server, tmp_path / "cut", **{"loss.name": "dkd"}))
+
+    def stop_after_some_steps() -> None:
+        while (
+            not (tmp_path / "cut" / "metrics.jsonl").exists()
+            or len(train_losses(tmp_path / "cut")) < 6
+        ):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    stopper = threading.Thread(target=stop_after_some_steps)
+    stopper.start()
+    interrupted.fit()
+    stopper.join()
+    done = len(train_losses(tmp_path / "cut"))
+    assert 6 <= done < 16, "SIGTERM should stop the run part-way"
+    Trainer(run_config(server, tmp_path / "cut", **{"loss.name": "dkd"}), resume=True).fit()
+    resumed = train_losses(tmp_path / "cut")
+    assert len(resumed) == 16
+    assert resumed == pytest.approx(reference, abs=2e-3)
+
+
+def test_bad_settings_are_clear_errors(
+    server: ServerThread, tmp_path: Path, teachers: dict[str, Any]
+) -> None:
+    with pytest.raises(TrainingError, match=r"'ghost' is not served .*available: \['pair_logits'"):
+        Trainer(run_config(server, tmp_path / "a", **{"teacher.model": "ghost"}))
+    five = {
+        "server": {"http_port": 0, "grpc_port": 0},
+        "models": [
+            {
+                "name": "five",
+                "arch": "kdserve:resnet8",
+                "random_init": True,
+                "num_classes": 5,
+                "input_size": 32,
+            }
+        ],
+    }
+    mismatch = "has 5 classes but the data set 'digits' has 10"
+    with running_server(five) as other, pytest.raises(TrainingError, match=mismatch):
+        Trainer(run_config(other, tmp_path / "d", **{"teacher.model": "five"}))
+    with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
+        Trainer(run_config(server, tmp_path / "b"), resume=True)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "checkpoint.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        Trainer(run_config(server, tmp_path / "c"), resume=True)
+
+
+def test_cli_trains_and_exports_a_student_the_server_can_serve(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    bin_dir = Path(sys.executable).parent
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [
+            str(bin_dir / "kdserve-student"),
+            "--teacher",
+            server.endpoints.http_url,
+            "--teacher-model",
+            "small",
+            "--loss",
+            "kd",
+            "--max-steps",
+            "4",
+            "--batch-size",
+            "16",
+            "--threads",
+            "1",
+            "--output-dir",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "agreement=" in result.stdout
+    weights = tmp_path / "student.safetensors"
+    exported = subprocess.run(
+        [str(bin_dir / "kdserve-student"), "export", str(out), "--out", str(weights)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert exported.returncode == 0, exported.stderr
+    served = {
+        "server": {"http_port": 0, "grpc_port": 0},
+        "models": [
+            {
+                "name": "student",
+                "arch": "kdserve:resnet8",
+                "weights": str(weights),
+                "num_classes": 10,
+                "input_size": 32,
+            }
+        ],
+    }
+    with (
+        running_server(served) as chain,
+        TeacherClient.connect(chain.endpoints.grpc_url, model="student") as client,
+    ):
+        assert client.infer(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 10)
+    bad = subprocess.run(
+        [str(bin_dir / "kdserve-student"), "--loss", "kd", "--output-dir", str(tmp_path / "x")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "needs a teacher" in bad.stderr

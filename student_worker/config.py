@@ -109,7 +109,6 @@ class RunConfig(_Strict):
     epochs: int = Field(10, ge=1)
     max_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(64, ge=1)
-    amp: bool = False
     grad_clip: float | None = Field(None, gt=0.0)
     seed: int = 0
     threads: int | None = Field(None, ge=1)

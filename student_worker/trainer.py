@@ -108,7 +108,6 @@ class Trainer:
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.optimizer = self._optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp and torch.cuda.is_available())
         self.step = 0
         self.out = config.output_dir
         self.out.mkdir(parents=True, exist_ok=True)
@@ -293,12 +292,10 @@ class Trainer:
             total = total + self._ramp(item.epoch) * self.recipe["kd_weight"] * distill
             parts["distill"] = float(distill.detach())
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
+        total.backward()
         if self.config.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.optimizer.step()
         self.scheduler.step()
         return float(total.detach()), parts
 
@@ -382,7 +379,6 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "augment_rng": self._augment_states.get(self.step, self.views.rng.bit_generator.state),
             "epoch_order": self._epoch_order,
@@ -394,7 +390,6 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
         self.views.rng = np.random.default_rng()
         self.views.rng.bit_generator.state = state["augment_rng"]

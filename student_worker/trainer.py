@@ -28,7 +28,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from student_worker.augment import AugmentedBatch, AugmentSettings, ConsistentViews, student_input
-from student_worker.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from student_worker.checkpoint import (
+    LATEST,
+    load_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
 from student_worker.config import RunConfig
 from student_worker.data import build_datasets, collate_uint8
 from student_worker.losses import TRAINER_SETTINGS, LossFn, build, defaults
@@ -110,6 +116,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step = 0
         self.out = config.output_dir
+        if not resume and (self.out / LATEST).exists():
+            raise TrainingError(
+                f"{self.out} already holds a run; pass --resume to continue it "
+                "or choose another --output-dir"
+            )
         self.out.mkdir(parents=True, exist_ok=True)
         self._eval_teacher_logits: torch.Tensor | None = None
         self._stop_requested = False

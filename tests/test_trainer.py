@@ -91,6 +91,8 @@ def test_resume_continues_the_same_loss_curve(server: ServerThread, tmp_path: Pa
     resumed = train_losses(tmp_path / "cut")
     assert len(resumed) == 16
     assert resumed == pytest.approx(reference, abs=2e-3)
+    with pytest.raises(TrainingError, match="already holds a run; pass --resume"):
+        Trainer(run_config(server, tmp_path / "cut", **{"loss.name": "dkd"}))
 
 
 def test_bad_settings_are_clear_errors(

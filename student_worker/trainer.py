@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
 from student_worker.augment import AugmentedBatch, AugmentSettings, ConsistentViews, student_input
 from student_worker.checkpoint import (
@@ -46,6 +47,7 @@ from teacher_server.weights import load_weights
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
+TRAIN_PROBE = 512
 
 
 class TrainingError(RuntimeError):
@@ -122,7 +124,7 @@ class Trainer:
                 "or choose another --output-dir"
             )
         self.out.mkdir(parents=True, exist_ok=True)
-        self._eval_teacher_logits: torch.Tensor | None = None
+        self._teacher_cache: dict[str, list[torch.Tensor]] = {}
         self._stop_requested = False
         self._augment_states: dict[int, dict[str, Any]] = {}
         self._epoch_order: torch.Tensor | None = None
@@ -236,28 +238,44 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> None:
         self.model.train()
         started, images = time.monotonic(), 0
-        for item, teacher_logits in self._fetching(self._steps(epoch)):
-            loss, parts = self._train_step(item, teacher_logits)
-            images += item.batch.view.shape[0]
-            self.step += 1
-            self._augment_states.pop(item.index, None)
-            if self.step % self.config.checkpoint_every == 0:
-                save_checkpoint(self.out, self._state())
-            rate = images / max(1e-9, time.monotonic() - started)
-            self._write(
-                {
+        done_before = self.step - epoch * self.steps_per_epoch
+        left = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+        # A bar on a terminal; logs get metrics.jsonl instead (tqdm disables itself off a TTY).
+        with tqdm(
+            total=left,
+            initial=done_before,
+            desc=f"epoch {epoch + 1}",
+            unit="step",
+            disable=None,
+            leave=False,
+        ) as bar:
+            for item, teacher_logits in self._fetching(self._steps(epoch)):
+                loss, parts = self._train_step(item, teacher_logits)
+                images += item.batch.view.shape[0]
+                self.step += 1
+                self._augment_states.pop(item.index, None)
+                if self.step % self.config.checkpoint_every == 0:
+                    save_checkpoint(self.out, self._state())
+                record = {
                     "kind": "train",
                     "step": self.step,
                     "epoch": epoch + 1,
                     "loss": loss,
                     **parts,
                     "lr": self.scheduler.get_last_lr()[0],
-                    "images_per_s": rate,
+                    "images_per_s": images / max(1e-9, time.monotonic() - started),
                     "teacher_ms": self.teacher.round_trip_s * 1e3 if self.teacher else 0.0,
                 }
-            )
-            if self._stop_requested or self.step >= self.total_steps:
-                break
+                self._write(record)
+                bar.set_postfix(
+                    loss=f"{loss:.3f}",
+                    img_s=f"{record['images_per_s']:.0f}",
+                    teacher_ms=f"{record['teacher_ms']:.1f}",
+                    refresh=False,
+                )
+                bar.update()
+                if self._stop_requested or self.step >= self.total_steps:
+                    break
 
     def _steps(self, epoch: int) -> Iterator[Step]:
         """This epoch's batches from the current step on; remembers the RNG states to resume."""
@@ -341,48 +359,62 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict[str, float]:
-        """Student (and teacher) accuracy and fidelity on the held-out split."""
+        """Accuracy and fidelity on the held-out split, and fidelity on a fixed training subset.
+
+        The training subset (the first TRAIN_PROBE images, unaugmented) separates optimisation
+        from generalisation (Stanton et al. 2021): low agreement there means the student does
+        not even match the teacher on what it trained on. DeiT students also report each head.
+        """
         self.model.eval()
-        loader = DataLoader(self.eval_set, batch_size=256, collate_fn=collate_uint8)
-        batches = list(loader)
-        teacher_logits = self._eval_teacher(batches)
-        meter = FidelityMeter()
-        offset = 0
-        for images, labels, _ in batches:
-            inputs = student_input(images, None, self.student_size, self.mean, self.std)
-            logits = self.model(inputs)
-            count = images.shape[0]
-            teacher = (
-                teacher_logits[offset : offset + count] if teacher_logits is not None else logits
-            )
-            meter.update(logits, teacher, labels)
-            offset += count
+        meter, heads = self._measure("eval", self.eval_set)
         metrics = meter.compute()
-        if teacher_logits is None:
-            metrics = {
-                "student_accuracy": metrics["student_accuracy"],
-                "nll": metrics["nll"],
-                "ece": metrics["ece"],
-                "samples": metrics["samples"],
-            }
+        if self.teacher is None:
+            keep = ("student_accuracy", "nll", "ece", "samples")
+            metrics = {key: metrics[key] for key in keep}
+        else:
+            probe = Subset(self.train_set, range(min(TRAIN_PROBE, len(self.train_set))))
+            train_metrics = self._measure("train", probe)[0].compute()
+            metrics["train_agreement"] = train_metrics["agreement"]
+            metrics["train_kl"] = train_metrics["kl"]
+        metrics.update(heads)
         self._write({"kind": "eval", "step": self.step, "epoch": epoch, **metrics})
         log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         self.model.train()
         return metrics
 
-    def _eval_teacher(
-        self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    ) -> torch.Tensor | None:
-        if self.teacher is None:
-            return None
-        if self._eval_teacher_logits is None:
-            self._eval_teacher_logits = torch.cat(
-                [
-                    self.teacher.logits(-1 - index, images, None)
-                    for index, (images, _, _) in enumerate(batches)
-                ]
+    def _measure(
+        self, split: str, dataset: Dataset[tuple[torch.Tensor, int, int]]
+    ) -> tuple[FidelityMeter, dict[str, float]]:
+        """Student vs teacher on unaugmented images (the teacher's answers are fetched once),
+        and, for a two-head student, each head's accuracy on the labeled images."""
+        batches = list(DataLoader(dataset, batch_size=256, collate_fn=collate_uint8))
+        if self.teacher is not None and split not in self._teacher_cache:
+            self._teacher_cache[split] = [
+                self.teacher.logits(-1 - index, images, None)
+                for index, (images, _, _) in enumerate(batches)
+            ]
+        meter = FidelityMeter()
+        correct = {"class_head_accuracy": 0, "distillation_head_accuracy": 0}
+        labeled_count = 0
+        for index, (images, labels, _) in enumerate(batches):
+            inputs = student_input(images, None, self.student_size, self.mean, self.std)
+            class_logits, distill_logits = self._heads(inputs)
+            logits = (class_logits + distill_logits) / 2
+            teacher = self._teacher_cache[split][index] if self.teacher is not None else logits
+            meter.update(logits, teacher, labels)
+            labeled = labels >= 0
+            labeled_count += int(labeled.sum())
+            correct["class_head_accuracy"] += int((class_logits.argmax(1) == labels)[labeled].sum())
+            correct["distillation_head_accuracy"] += int(
+                (distill_logits.argmax(1) == labels)[labeled].sum()
             )
-        return self._eval_teacher_logits
+        two_heads = callable(getattr(self.model, "forward_heads", None))
+        heads = (
+            {k: v / labeled_count for k, v in correct.items()}
+            if two_heads and labeled_count
+            else {}
+        )
+        return meter, heads
 
     def _state(self) -> dict[str, Any]:
         return {

@@ -62,9 +62,15 @@ def test_two_students_train_at_once_on_one_teacher(server: ServerThread, tmp_pat
         metrics = results[loss]
         assert 0.0 <= metrics["agreement"] <= 1.0 and metrics["kl"] >= 0.0
         evaluations = [r for r in read_metrics(tmp_path / loss) if r["kind"] == "eval"]
-        assert evaluations and {"student_accuracy", "teacher_accuracy", "ece", "nll"} <= set(
-            evaluations[-1]
-        )
+        expected = {
+            "student_accuracy",
+            "teacher_accuracy",
+            "ece",
+            "nll",
+            "train_agreement",
+            "train_kl",
+        }
+        assert evaluations and expected <= set(evaluations[-1])
 
 
 def test_resume_continues_the_same_loss_curve(server: ServerThread, tmp_path: Path) -> None:
@@ -188,3 +194,20 @@ def test_cli_trains_and_exports_a_student_the_server_can_serve(
         timeout=120,
     )
     assert bad.returncode == 2 and "needs a teacher" in bad.stderr
+
+
+def test_deit_student_trains_its_distillation_head_and_reports_each_head(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    overrides = {
+        "loss.name": "deit",
+        "student.arch": "kdserve:deit_tiny",
+        "max_steps": 3,
+        "batch_size": 16,
+        "optimizer.name": "adamw",
+        "optimizer.lr": 5e-4,
+    }
+    metrics = Trainer(run_config(server, tmp_path / "deit", **overrides)).fit()
+    assert 0.0 <= metrics["class_head_accuracy"] <= 1.0
+    assert 0.0 <= metrics["distillation_head_accuracy"] <= 1.0
+    assert [r["kind"] for r in read_metrics(tmp_path / "deit")].count("train") == 3

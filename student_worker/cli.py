@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from student_worker import __version__
+from student_worker import __version__, report
 from student_worker.checkpoint import CheckpointError, load_checkpoint
 from student_worker.config import load_run_config
 from student_worker.trainer import Trainer, TrainingError
@@ -17,8 +17,9 @@ from teacher_server.config import ConfigError
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdserve-student",
-        description="Train a student with a remote teacher (kdserve-student export RUN_DIR "
-        "--out student.safetensors writes its weights for the teacher server).",
+        description="Train a student with a remote teacher. Also: `kdserve-student export "
+        "RUN_DIR --out student.safetensors` writes its weights for the teacher server; "
+        "`kdserve-student report RUN_DIR...` prints the runs' table and plots their curves.",
     )
     parser.add_argument("--config", type=Path, help="student YAML file (defaults otherwise)")
     parser.add_argument(
@@ -54,6 +55,8 @@ def export(run_dir: Path, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["report"]:
+        return report.main(arguments[1:])
     if arguments[:1] == ["export"]:
         parser = argparse.ArgumentParser(prog="kdserve-student export")
         parser.add_argument("run_dir", type=Path)

@@ -10,6 +10,7 @@ downsamples it for itself (one crop of the original image, resized separately pe
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,13 @@ class MixedLabels:
     def dominant(self) -> torch.Tensor:
         """The label with the larger share (DKD's target class)."""
         return self.labels_a if self.lam >= 0.5 else self.labels_b
+
+    def to(self, device: torch.device) -> MixedLabels:
+        return MixedLabels(
+            self.labels_a.to(device, non_blocking=True),
+            self.labels_b.to(device, non_blocking=True),
+            self.lam,
+        )
 
 
 @dataclass(frozen=True)
@@ -62,10 +70,11 @@ class AugmentSettings:
 class ConsistentViews:
     """Draws each batch's crops, flips and mix parameters from its own seeded generator.
 
-    `rng.bit_generator.state` is what a checkpoint saves to resume the same sequence.
+    The seed may be a tuple such as (run seed, rank, step): the trainer draws every step's
+    view from its own generator, so a resumed run needs no saved augmentation state.
     """
 
-    def __init__(self, settings: AugmentSettings, seed: int) -> None:
+    def __init__(self, settings: AugmentSettings, seed: int | Sequence[int]) -> None:
         self.settings = settings
         self.rng = np.random.default_rng(seed)
 

@@ -110,6 +110,8 @@ class RunConfig(_Strict):
     max_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(64, ge=1)
     grad_clip: float | None = Field(None, gt=0.0)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    amp: Literal["auto", "off", "float16", "bfloat16"] = "auto"
     seed: int = 0
     threads: int | None = Field(None, ge=1)
     output_dir: Path = Path("runs/student")

@@ -12,7 +12,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import torch
 
@@ -23,6 +23,14 @@ from teacher_server.views import Mix
 log = logging.getLogger(__name__)
 Item = TypeVar("Item")
 WAIT_ERRORS = (NotReady, QueueFull, DeadlineExceeded)
+
+
+class Teacher(Protocol):
+    """Where the trainer gets a view's raw logits: a teacher server, or a model in-process."""
+
+    round_trip_s: float
+
+    def logits(self, step: int, view: torch.Tensor, mix: Mix | None) -> torch.Tensor: ...
 
 
 class TeacherRequests:

@@ -22,13 +22,20 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from student_worker.augment import AugmentedBatch, AugmentSettings, ConsistentViews, student_input
+from student_worker import distributed
+from student_worker.augment import (
+    AugmentedBatch,
+    AugmentSettings,
+    ConsistentViews,
+    MixedLabels,
+    student_input,
+)
 from student_worker.checkpoint import (
     LATEST,
     load_checkpoint,
@@ -40,7 +47,8 @@ from student_worker.config import RunConfig
 from student_worker.data import build_datasets, collate_uint8
 from student_worker.losses import TRAINER_SETTINGS, LossFn, build, defaults
 from student_worker.metrics import FidelityMeter
-from student_worker.prefetch import Prefetcher, TeacherRequests
+from student_worker.models import TwoHeads, has_two_heads
+from student_worker.prefetch import Prefetcher, Teacher, TeacherRequests
 from teacher_server.archs import create_model
 from teacher_server.client import TeacherClient
 from teacher_server.weights import load_weights
@@ -48,6 +56,13 @@ from teacher_server.weights import load_weights
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 TRAIN_PROBE = 512
+
+
+def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: `auto` is float16 on CUDA (with a grad scaler) and off elsewhere."""
+    if setting == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    return None if setting == "off" else getattr(torch, setting)
 
 
 class TrainingError(RuntimeError):
@@ -64,10 +79,19 @@ class Step:
 
 
 class Trainer:
-    """One student run: data, student, teacher connection, optimizer, schedule, checkpoints."""
+    """One student run: data, student, teacher connection, optimizer, schedule, checkpoints.
+
+    Under `torchrun` each process is one rank of the same student (`student_worker.distributed`).
+    """
 
     def __init__(self, config: RunConfig, *, resume: bool = False) -> None:
         self.config = config
+        self.world = distributed.world_from_env()
+        try:
+            self.device = distributed.rank_device(self.world, config.device)
+        except ValueError as exc:
+            raise TrainingError(str(exc)) from None
+        self.amp_dtype = amp_dtype(config.amp, self.device)
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
@@ -87,35 +111,37 @@ class Trainer:
         self.model = create_model(config.student.arch, self.info.num_classes, self.student_size)
         if config.student.init_weights is not None:
             load_weights(self.model, config.student.init_weights)
-        self.mean = torch.tensor(config.student.mean)
-        self.std = torch.tensor(config.student.std)
+        self.model.to(self.device)
+        self.heads = TwoHeads(self.model)
+        self.mean = torch.tensor(config.student.mean, device=self.device)
+        self.std = torch.tensor(config.student.std, device=self.device)
         self.recipe = self._recipe()
         self.distill: LossFn | None = None
-        self.teacher: TeacherRequests | None = None
-        view_size = size
+        self.teacher: Teacher | None = None
+        self.view_size = size
         if config.loss.name != "ce":
             self.distill = build(
                 config.loss.name,
                 **{k: v for k, v in self.recipe.items() if k not in TRAINER_SETTINGS},
             )
-            self.teacher, view_size = self._connect_teacher()
-        self.views = ConsistentViews(
-            AugmentSettings(
-                view_size=view_size,
-                crop_scale=config.augment.crop_scale,
-                flip=config.augment.flip,
-                mixup_alpha=config.augment.mixup_alpha,
-                cutmix_alpha=config.augment.cutmix_alpha,
-                mix_prob=config.augment.mix_prob,
-                switch_prob=config.augment.switch_prob,
-            ),
-            seed=config.seed,
+            self.teacher, self.view_size = self._connect_teacher()
+        self.augment = AugmentSettings(
+            view_size=self.view_size,
+            crop_scale=config.augment.crop_scale,
+            flip=config.augment.flip,
+            mixup_alpha=config.augment.mixup_alpha,
+            cutmix_alpha=config.augment.cutmix_alpha,
+            mix_prob=config.augment.mix_prob,
+            switch_prob=config.augment.switch_prob,
         )
-        self.loader = self._loader()
-        self.steps_per_epoch = len(self.loader)
+        self.sampler = self._sampler()
+        self.steps_per_epoch = len(self.sampler) // config.batch_size
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.optimizer = self._optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self.amp_dtype == torch.float16
+        )
         self.step = 0
         self.out = config.output_dir
         if not resume and (self.out / LATEST).exists():
@@ -123,14 +149,20 @@ class Trainer:
                 f"{self.out} already holds a run; pass --resume to continue it "
                 "or choose another --output-dir"
             )
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.world.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
         self._teacher_cache: dict[str, list[torch.Tensor]] = {}
         self._stop_requested = False
-        self._augment_states: dict[int, dict[str, Any]] = {}
-        self._epoch_order: torch.Tensor | None = None
-        self._resume_order: torch.Tensor | None = None
         if resume:
             self._resume()
+        distributed.join(self.world, self.device)
+        self.network: torch.nn.Module = self.heads
+        if self.world.distributed:
+            self.network = DistributedDataParallel(
+                self.heads,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.distill is None and has_two_heads(self.model),
+            )
 
     # ---- set-up -------------------------------------------------------------------------
 
@@ -147,7 +179,8 @@ class Trainer:
                 recipe[key] = getattr(loss, key)
         return recipe
 
-    def _connect_teacher(self) -> tuple[TeacherRequests, int]:
+    def _connect_teacher(self) -> tuple[Teacher, int]:
+        """The served teacher and the view size to send it (the larger of both input sizes)."""
         settings = self.config.teacher
         token = settings.token.get_secret_value() if settings.token else None
         client = TeacherClient.connect(
@@ -166,27 +199,45 @@ class Trainer:
                 f"the teacher {name!r} has {info.num_classes} classes but the data set "
                 f"{self.info.name!r} has {self.info.num_classes}"
             )
-        run_id = f"{self.config.output_dir.name}-{uuid.uuid4().hex[:8]}"
+        run_id = f"{self.config.output_dir.name}-{self.world.rank}-{uuid.uuid4().hex[:8]}"
         view_size = max(self.info.image_size, *info.input_size)
         return TeacherRequests(client, name, run_id=run_id), view_size
 
-    def _loader(self) -> DataLoader[tuple[torch.Tensor, int, int]]:
-        """Shuffled full batches; a CE-only student sees the labeled samples alone."""
+    def _sampler(self) -> DistributedSampler[int]:
+        """This rank's share of each epoch, shuffled by (seed, epoch) alone, so a resumed run
+        sees the same order; a CE-only student sees the labeled samples alone."""
         everything = range(len(self.train_set))
         labeled = self.train_set.labeled_indices().tolist()
-        dataset = Subset(self.train_set, labeled if self.config.loss.name == "ce" else everything)
-        if len(dataset) < self.config.batch_size:
-            raise TrainingError(
-                f"batch_size {self.config.batch_size} is larger than the {len(dataset)} "
-                "training images"
-            )
-        return DataLoader(
-            dataset,
-            batch_size=self.config.batch_size,
+        self.train_subset = Subset(
+            self.train_set, labeled if self.config.loss.name == "ce" else everything
+        )
+        sampler: DistributedSampler[int] = DistributedSampler(
+            self.train_subset,
+            num_replicas=self.world.size,
+            rank=self.world.rank,
             shuffle=True,
+            seed=self.config.seed,
             drop_last=True,
+        )
+        if len(sampler) < self.config.batch_size:
+            raise TrainingError(
+                f"batch_size {self.config.batch_size} is larger than the {len(sampler)} "
+                f"training images of each of the {self.world.size} rank(s)"
+            )
+        return sampler
+
+    def _loader(self, epoch: int, skip: int) -> DataLoader[tuple[torch.Tensor, int, int]]:
+        """The epoch's full batches from batch `skip` on (a resumed run loads no skipped image)."""
+        self.sampler.set_epoch(epoch)
+        order = list(self.sampler)
+        size = self.config.batch_size
+        batches = [order[i : i + size] for i in range(0, self.steps_per_epoch * size, size)]
+        return DataLoader(
+            self.train_subset,
+            batch_sampler=batches[skip:],
             collate_fn=collate_uint8,
             num_workers=self.config.data.workers,
+            pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(self.config.seed),
         )
 
@@ -229,14 +280,15 @@ class Trainer:
                 if self._stop_requested:
                     break
                 metrics = self.evaluate(epoch + 1)
-            save_checkpoint(self.out, self._state())
+            self._checkpoint()
         finally:
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous)
+            distributed.leave(self.world)
         return metrics
 
     def _train_epoch(self, epoch: int) -> None:
-        self.model.train()
+        self.network.train()
         started, images = time.monotonic(), 0
         done_before = self.step - epoch * self.steps_per_epoch
         left = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
@@ -246,16 +298,17 @@ class Trainer:
             initial=done_before,
             desc=f"epoch {epoch + 1}",
             unit="step",
-            disable=None,
+            disable=None if self.world.is_main else True,
             leave=False,
         ) as bar:
-            for item, teacher_logits in self._fetching(self._steps(epoch)):
+            for item, teacher_logits in self._fetching(self._steps(epoch, done_before)):
                 loss, parts = self._train_step(item, teacher_logits)
-                images += item.batch.view.shape[0]
+                images += item.batch.view.shape[0] * self.world.size
                 self.step += 1
-                self._augment_states.pop(item.index, None)
+                stop = distributed.any_rank(self.world, self._stop_requested, self.device)
+                self._stop_requested = stop
                 if self.step % self.config.checkpoint_every == 0:
-                    save_checkpoint(self.out, self._state())
+                    self._checkpoint()
                 record = {
                     "kind": "train",
                     "step": self.step,
@@ -274,23 +327,19 @@ class Trainer:
                     refresh=False,
                 )
                 bar.update()
-                if self._stop_requested or self.step >= self.total_steps:
+                if stop or self.step >= self.total_steps:
                     break
 
-    def _steps(self, epoch: int) -> Iterator[Step]:
-        """This epoch's batches from the current step on; remembers the RNG states to resume."""
-        if self.loader.generator is not None:
-            if self._resume_order is not None:
-                self.loader.generator.set_state(self._resume_order)
-                self._resume_order = None
-            self._epoch_order = self.loader.generator.get_state()
-        skip = self.step - epoch * self.steps_per_epoch
-        for index, (images, labels, _) in enumerate(self.loader):
-            if index < skip:
-                continue
+    def _steps(self, epoch: int, skip: int) -> Iterator[Step]:
+        """This epoch's batches from batch `skip` on, each with its own consistent view.
+
+        A step's crops and mixing are drawn from (seed, rank, step) alone, so a resumed run
+        draws the same views without saving any augmentation state.
+        """
+        for index, (images, labels, _) in enumerate(self._loader(epoch, skip), start=skip):
             step = epoch * self.steps_per_epoch + index
-            self._augment_states[step] = dict(self.views.rng.bit_generator.state)
-            yield Step(step, epoch, self.views(images, labels))
+            views = ConsistentViews(self.augment, seed=(self.config.seed, self.world.rank, step))
+            yield Step(step, epoch, views(images, labels))
 
     def _fetching(self, steps: Iterator[Step]) -> Iterator[tuple[Step, torch.Tensor | None]]:
         if self.teacher is None:
@@ -308,38 +357,35 @@ class Trainer:
         self, item: Step, teacher_logits: torch.Tensor | None
     ) -> tuple[float, dict[str, float]]:
         batch = item.batch
-        inputs = student_input(batch.view, batch.mix, self.student_size, self.mean, self.std)
-        class_logits, distill_logits = self._heads(inputs)
-        ce = self._mixed_cross_entropy(class_logits, batch)
+        view = batch.view.to(self.device, non_blocking=True)
+        inputs = student_input(view, batch.mix, self.student_size, self.mean, self.std)
+        targets = batch.targets.to(self.device)
+        with torch.autocast(
+            self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+        ):
+            class_logits, distill_logits = self.network(inputs)
+        ce = self._mixed_cross_entropy(class_logits.float(), targets)
         total = self.recipe["ce_weight"] * ce
         parts = {"ce": float(ce.detach())}
         if self.distill is not None and teacher_logits is not None:
-            targets = batch.targets.dominant
-            unlabeled = targets < 0
-            targets = torch.where(unlabeled, teacher_logits.argmax(dim=1), targets)
-            distill = self.distill(distill_logits, teacher_logits, targets)
+            teacher_logits = teacher_logits.to(self.device, non_blocking=True)
+            dominant = targets.dominant
+            dominant = torch.where(dominant < 0, teacher_logits.argmax(dim=1), dominant)
+            distill = self.distill(distill_logits, teacher_logits, dominant)
             total = total + self._ramp(item.epoch) * self.recipe["kd_weight"] * distill
             parts["distill"] = float(distill.detach())
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        self.scaler.scale(total).backward()
         if self.config.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.scheduler.step()
         return float(total.detach()), parts
 
-    def _heads(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(class-head logits, logits the distillation loss reads): DeiT's two heads, or one."""
-        forward_heads = getattr(self.model, "forward_heads", None)
-        if callable(forward_heads):
-            heads: tuple[torch.Tensor, torch.Tensor] = forward_heads(inputs)
-            return heads
-        logits: torch.Tensor = self.model(inputs)
-        return logits, logits
-
-    def _mixed_cross_entropy(self, logits: torch.Tensor, batch: AugmentedBatch) -> torch.Tensor:
+    def _mixed_cross_entropy(self, logits: torch.Tensor, targets: MixedLabels) -> torch.Tensor:
         """lam * CE(y_a) + (1 - lam) * CE(y_b) over samples whose both labels are known."""
-        targets = batch.targets
         labeled = (targets.labels_a >= 0) & (targets.labels_b >= 0)
         if not bool(labeled.any()):
             return logits.sum() * 0.0
@@ -364,22 +410,26 @@ class Trainer:
         The training subset (the first TRAIN_PROBE images, unaugmented) separates optimisation
         from generalisation (Stanton et al. 2021): low agreement there means the student does
         not even match the teacher on what it trained on. DeiT students also report each head.
+        Rank 0 evaluates while the other ranks wait.
         """
-        self.model.eval()
-        meter, heads = self._measure("eval", self.eval_set)
-        metrics = meter.compute()
-        if self.teacher is None:
-            keep = ("student_accuracy", "nll", "ece", "samples")
-            metrics = {key: metrics[key] for key in keep}
-        else:
-            probe = Subset(self.train_set, range(min(TRAIN_PROBE, len(self.train_set))))
-            train_metrics = self._measure("train", probe)[0].compute()
-            metrics["train_agreement"] = train_metrics["agreement"]
-            metrics["train_kl"] = train_metrics["kl"]
-        metrics.update(heads)
-        self._write({"kind": "eval", "step": self.step, "epoch": epoch, **metrics})
-        log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        self.model.train()
+        metrics: dict[str, float] = {}
+        if self.world.is_main:
+            self.heads.eval()
+            meter, heads = self._measure("eval", self.eval_set)
+            metrics = meter.compute()
+            if self.teacher is None:
+                keep = ("student_accuracy", "nll", "ece", "samples")
+                metrics = {key: metrics[key] for key in keep}
+            else:
+                probe = Subset(self.train_set, range(min(TRAIN_PROBE, len(self.train_set))))
+                train_metrics = self._measure("train", probe)[0].compute()
+                metrics["train_agreement"] = train_metrics["agreement"]
+                metrics["train_kl"] = train_metrics["kl"]
+            metrics.update(heads)
+            self._write({"kind": "eval", "step": self.step, "epoch": epoch, **metrics})
+            log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            self.heads.train()
+        distributed.barrier(self.world)
         return metrics
 
     def _measure(
@@ -397,8 +447,13 @@ class Trainer:
         correct = {"class_head_accuracy": 0, "distillation_head_accuracy": 0}
         labeled_count = 0
         for index, (images, labels, _) in enumerate(batches):
-            inputs = student_input(images, None, self.student_size, self.mean, self.std)
-            class_logits, distill_logits = self._heads(inputs)
+            view = images.to(self.device, non_blocking=True)
+            inputs = student_input(view, None, self.student_size, self.mean, self.std)
+            with torch.autocast(
+                self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+            ):
+                class_logits, distill_logits = self.heads(inputs)
+            class_logits, distill_logits = class_logits.float().cpu(), distill_logits.float().cpu()
             logits = (class_logits + distill_logits) / 2
             teacher = self._teacher_cache[split][index] if self.teacher is not None else logits
             meter.update(logits, teacher, labels)
@@ -408,13 +463,16 @@ class Trainer:
             correct["distillation_head_accuracy"] += int(
                 (distill_logits.argmax(1) == labels)[labeled].sum()
             )
-        two_heads = callable(getattr(self.model, "forward_heads", None))
         heads = (
             {k: v / labeled_count for k, v in correct.items()}
-            if two_heads and labeled_count
+            if has_two_heads(self.model) and labeled_count
             else {}
         )
         return meter, heads
+
+    def _checkpoint(self) -> None:
+        if self.world.is_main:
+            save_checkpoint(self.out, self._state())
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -422,9 +480,8 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
-            "augment_rng": self._augment_states.get(self.step, self.views.rng.bit_generator.state),
-            "epoch_order": self._epoch_order,
             "config": self.config.model_dump(mode="json", exclude={"teacher": {"token"}}),
         }
 
@@ -433,14 +490,15 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
-        self.views.rng = np.random.default_rng()
-        self.views.rng.bit_generator.state = state["augment_rng"]
-        self._resume_order = state["epoch_order"]
         self.step = int(state["step"])
         log.info("resumed %s at step %d", self.out, self.step)
 
     def _write(self, record: dict[str, Any]) -> None:
+        if not self.world.is_main:
+            return
         with open(self.out / METRICS_FILE, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -14,12 +15,12 @@ from typing import Any
 import pytest
 import torch
 
-from student_worker.checkpoint import CheckpointError
+from student_worker.checkpoint import CheckpointError, load_checkpoint
 from student_worker.config import load_run_config
 from student_worker.trainer import Trainer, TrainingError, read_metrics
 from teacher_server.client import TeacherClient
 from teacher_server.server import ServerThread
-from tests.conftest import running_server
+from tests.conftest import model_stats, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -169,6 +170,17 @@ def test_cli_trains_and_exports_a_student_the_server_can_serve(
         timeout=120,
     )
     assert exported.returncode == 0, exported.stderr
+    reported = subprocess.run(
+        [str(bin_dir / "kdserve-student"), "report", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert reported.returncode == 0, reported.stderr
+    header, _, row = reported.stdout.splitlines()[:3]
+    assert "agreement (%)" in header and row.split()[0] == "run" and row.split()[-1] == "4"
+    assert (out / "curves.png").read_bytes().startswith(b"\x89PNG")
     served = {
         "server": {"http_port": 0, "grpc_port": 0},
         "models": [
@@ -211,3 +223,95 @@ def test_deit_student_trains_its_distillation_head_and_reports_each_head(
     assert 0.0 <= metrics["class_head_accuracy"] <= 1.0
     assert 0.0 <= metrics["distillation_head_accuracy"] <= 1.0
     assert [r["kind"] for r in read_metrics(tmp_path / "deit")].count("train") == 3
+
+
+def student_command(server: ServerThread, out: Path, *extra: str) -> list[str]:
+    return [
+        "--teacher",
+        server.endpoints.grpc_url,
+        "--teacher-model",
+        "small",
+        "--loss",
+        "kd",
+        "--batch-size",
+        "16",
+        "--threads",
+        "1",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
+
+
+def test_torchrun_trains_one_student_on_two_gloo_ranks(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    """Each rank asks the teacher for its own shard; rank 0 alone logs and checkpoints."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
+    torchrun = [str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python"]
+    before = model_stats(server)["small"]["images"]
+    first = subprocess.run(
+        [
+            *torchrun,
+            str(bin_dir / "kdserve-student"),
+            *student_command(server, out, "--max-steps", "4"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    records = read_metrics(out)
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert [r["kind"] for r in records].count("eval") == 1
+    served = model_stats(server)["small"]["images"] - before
+    eval_images = records[-1]["samples"] + min(512, 1797 - records[-1]["samples"])
+    assert served >= 2 * 4 * 16 + eval_images, "both ranks should fetch their own soft targets"
+    resumed = subprocess.run(
+        [
+            *torchrun,
+            str(bin_dir / "kdserve-student"),
+            *student_command(server, out, "--max-steps", "6", "--resume"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = [r["step"] for r in read_metrics(out) if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert load_checkpoint(out)["step"] == 6
+
+
+def test_bfloat16_autocast_and_grad_clip_train_on_the_cpu(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    overrides = {"loss.name": "kd", "amp": "bfloat16", "grad_clip": 1.0, "max_steps": 12}
+    trainer = Trainer(run_config(server, tmp_path / "bf16", **overrides))
+    assert trainer.amp_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
+    trainer.fit()
+    losses = train_losses(tmp_path / "bf16")
+    assert all(math.isfinite(loss) for loss in losses)
+    assert sum(losses[-4:]) < sum(losses[:4])
+    assert Trainer(run_config(server, tmp_path / "auto")).amp_dtype is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_asking_for_cuda_without_one_is_a_clear_error(server: ServerThread, tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="device 'cuda' was asked for but torch sees no CUDA"):
+        Trainer(run_config(server, tmp_path / "gpu", device="cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_float16_autocast_with_a_grad_scaler_on_cuda(server: ServerThread, tmp_path: Path) -> None:
+    trainer = Trainer(run_config(server, tmp_path / "cuda", **{"loss.name": "dkd"}))
+    assert trainer.device.type == "cuda" and trainer.amp_dtype == torch.float16
+    assert trainer.scaler.is_enabled()
+    trainer.fit()
+    losses = train_losses(tmp_path / "cuda")
+    assert all(math.isfinite(loss) for loss in losses)
+    assert "scaler" in load_checkpoint(tmp_path / "cuda")

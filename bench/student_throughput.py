@@ -1,0 +1,180 @@
+"""Student images/s with a remote teacher against plain cross-entropy, measured in one run.
+
+The same student (kdserve:resnet20 on digits at 32 px, batch 64, one thread pinned to core 0)
+trains with the real Trainer in four ways, in rounds so that drift on the machine hits every
+way alike:
+- `ce`: cross-entropy only, no teacher (the baseline);
+- `remote`: KD against a `kdserve-teacher` process (kdserve:resnet32, one thread pinned to
+  core 1) over gRPC, prefetching `--prefetch` requests ahead;
+- `remote, no prefetch`: the same with prefetch 0 (every step waits for its round trip);
+- `in-process`: KD with the same teacher model run inside the student on the student's thread,
+  as KD scripts do today.
+Images/s is each epoch's training throughput (evaluation excluded), the first epoch dropped as
+warm-up; ratios are against `ce` of the same round. Target (ARCHITECTURE.md): `remote` >= 0.9x.
+
+Run (the README records the results):
+    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 \
+        .venv/bin/python bench/student_throughput.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import teacher_throughput as throughput
+
+from student_worker.augment import student_input
+from student_worker.config import load_run_config
+from student_worker.prefetch import Teacher
+from student_worker.trainer import Trainer, read_metrics
+from teacher_server.archs import create_model
+from teacher_server.registry import RANDOM_INIT_SEED
+from teacher_server.views import Mix
+
+STUDENT = "kdserve:resnet20"
+TEACHER = "kdserve:resnet32"
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+WAYS = ("ce", "remote", "remote, no prefetch", "in-process")
+
+
+class InProcessTeacher:
+    """The teacher model in the student's own process: what KD scripts do today."""
+
+    def __init__(self, num_classes: int) -> None:
+        torch.manual_seed(RANDOM_INIT_SEED)
+        self.module = create_model(TEACHER, num_classes).eval()
+        self.mean, self.std = torch.tensor(MEAN), torch.tensor(STD)
+        self.round_trip_s = 0.0
+
+    @torch.no_grad()
+    def logits(self, step: int, view: torch.Tensor, mix: Mix | None) -> torch.Tensor:
+        started = time.monotonic()
+        logits: torch.Tensor = self.module(student_input(view, mix, (32, 32), self.mean, self.std))
+        self.round_trip_s = time.monotonic() - started
+        return logits
+
+
+class InProcessTrainer(Trainer):
+    def _connect_teacher(self) -> tuple[Teacher, int]:
+        return InProcessTeacher(self.info.num_classes), self.info.image_size
+
+
+def train(way: str, grpc_url: str, out: Path, epochs: int, prefetch: int) -> float:
+    """Train one way; the mean training images/s of its epochs after the first."""
+    overrides: dict[str, Any] = {
+        "loss.name": "ce" if way == "ce" else "kd",
+        "student.arch": STUDENT,
+        "teacher.endpoints": [grpc_url],
+        "teacher.model": "teacher",
+        "teacher.prefetch": 0 if way == "remote, no prefetch" else prefetch,
+        "epochs": epochs,
+        "batch_size": 64,
+        "threads": 1,
+        "output_dir": str(out),
+        "checkpoint_every": 10**6,
+    }
+    config = load_run_config(None, overrides)
+    trainer = (InProcessTrainer if way == "in-process" else Trainer)(config)
+    trainer.fit()
+    records = [r for r in read_metrics(out) if r["kind"] == "train" and r["epoch"] > 1]
+    last_of_epoch = {r["epoch"]: r["images_per_s"] for r in records}
+    return statistics.fmean(last_of_epoch.values())
+
+
+def teacher_forward_ms(repeats: int = 10) -> float:
+    """The teacher's forward on one batch on one thread: it keeps up when below a CE step."""
+    teacher = InProcessTeacher(10)
+    batch = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    times = []
+    for _ in range(repeats + 1):
+        teacher.logits(0, batch, None)
+        times.append(teacher.round_trip_s * 1e3)
+    return statistics.median(times[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3, help="per way and round (>= 2)")
+    parser.add_argument("--prefetch", type=int, default=3)
+    args = parser.parse_args()
+    if len(os.sched_getaffinity(0)) < 2:
+        sys.exit("this benchmark needs 2 cores: the student on one, the teacher on the other")
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        case = throughput.Case(
+            "teacher",
+            {
+                "name": "teacher",
+                "arch": TEACHER,
+                "random_init": True,
+                "num_classes": 10,
+                "input_size": 32,
+                "mean": list(MEAN),
+                "std": list(STD),
+            },
+            32,
+            64,
+        )
+        os.sched_setaffinity(0, {1})  # the teacher process inherits core 1 ...
+        server, ports = throughput.start_server(workdir, case, {"threads_per_replica": 1})
+        os.sched_setaffinity(0, {0})  # ... and the student keeps core 0
+        try:
+            rates: dict[str, list[float]] = {way: [] for way in WAYS}
+            ratios: dict[str, list[float]] = {way: [] for way in WAYS}
+            for round_index in range(args.rounds):
+                measured = {
+                    way: train(
+                        way,
+                        ports["grpc_url"],
+                        workdir / f"{round_index}-{way}",
+                        args.epochs,
+                        args.prefetch,
+                    )
+                    for way in WAYS
+                }
+                for way in WAYS:
+                    rates[way].append(measured[way])
+                    ratios[way].append(measured[way] / measured["ce"])
+                print(
+                    f"round {round_index + 1}: "
+                    + ", ".join(f"{way} {rate:.0f} img/s" for way, rate in measured.items()),
+                    flush=True,
+                )
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    forward_ms = teacher_forward_ms()
+    step_ms = 64 / statistics.median(rates["ce"]) * 1e3
+    print(
+        f"\nstudent {STUDENT}, teacher {TEACHER}, batch 64, digits at 32 px, "
+        f"{args.rounds} rounds x {args.epochs} epochs; teacher forward {forward_ms:.0f} ms "
+        f"per batch vs student CE step {step_ms:.0f} ms\n"
+    )
+    print("| way | img/s (median) | ratio to ce (median) | ratios per round |")
+    print("|---|---|---|---|")
+    for way in WAYS:
+        per_round = ", ".join(f"{r:.2f}" for r in ratios[way])
+        print(
+            f"| {way} | {statistics.median(rates[way]):.0f} | "
+            f"{statistics.median(ratios[way]):.2f} | {per_round} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

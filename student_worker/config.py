@@ -6,6 +6,7 @@ loss and image scale (`student_worker.losses.defaults`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from student_worker.data import DatasetName
 from student_worker.losses import LOSSES
 from teacher_server.config import (
+    AUTH_TOKEN_ENV,
     IMAGENET_MEAN,
     IMAGENET_STD,
     ConfigError,
@@ -126,9 +128,20 @@ class RunConfig(_Strict):
         return self
 
 
-def load_run_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """YAML file (optional) + dotted overrides such as {"loss.name": "dkd", "epochs": 3}."""
+def load_run_config(
+    path: Path | None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> RunConfig:
+    """YAML file (optional) + dotted overrides such as {"loss.name": "dkd", "epochs": 3}.
+
+    The teacher's token, when neither sets it, comes from KDSERVE_AUTH_TOKEN (the variable
+    the teacher server reads), so one env file serves both sides.
+    """
     raw: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
+    token = (os.environ if environ is None else environ).get(AUTH_TOKEN_ENV)
+    if token:
+        raw.setdefault("teacher", {}).setdefault("token", token)
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue

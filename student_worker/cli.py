@@ -34,6 +34,11 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--amp", choices=["auto", "off", "float16", "bfloat16"])
+    parser.add_argument(
+        "--eval-every", type=int, help="steps between evaluations (default: each epoch)"
+    )
     parser.add_argument("--output-dir", type=Path)
     parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
     parser.add_argument(
@@ -84,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         "optimizer.lr": args.lr,
         "seed": args.seed,
         "threads": args.threads,
+        "device": args.device,
+        "amp": args.amp,
+        "eval_every": args.eval_every,
         "output_dir": str(args.output_dir) if args.output_dir else None,
     }
     try:

@@ -118,6 +118,7 @@ class RunConfig(_Strict):
     threads: int | None = Field(None, ge=1)
     output_dir: Path = Path("runs/student")
     checkpoint_every: int = Field(200, ge=1)
+    eval_every: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _teacher_when_distilling(self) -> RunConfig:

@@ -150,9 +150,9 @@ def plot_curves(runs: Sequence[Run], out: Path) -> Path:
     loss_axes, accuracy_axes, agreement_axes, kl_axes = figure.subplots(2, 2).flat
     panels = (
         (loss_axes, "train", "step", "loss", 1.0, "training loss"),
-        (accuracy_axes, "eval", "epoch", "student_accuracy", 100.0, "student accuracy (%)"),
-        (agreement_axes, "eval", "epoch", "agreement", 100.0, "agreement (%)"),
-        (kl_axes, "eval", "epoch", "kl", 1.0, "KL(teacher || student)"),
+        (accuracy_axes, "eval", "step", "student_accuracy", 100.0, "student accuracy (%)"),
+        (agreement_axes, "eval", "step", "agreement", 100.0, "agreement (%)"),
+        (kl_axes, "eval", "step", "kl", 1.0, "KL(teacher || student)"),
     )
     for axes, kind, x, y, scale, title in panels:
         for index, run in enumerate(runs):

@@ -276,10 +276,13 @@ class Trainer:
         try:
             while self.step < self.total_steps and not self._stop_requested:
                 epoch = self.step // self.steps_per_epoch
-                self._train_epoch(epoch)
+                metrics = self._train_epoch(epoch) or metrics
                 if self._stop_requested:
                     break
-                metrics = self.evaluate(epoch + 1)
+                # With eval_every, the last step is evaluated here, never twice (the loop
+                # above stops before its own check on the last step).
+                if self.config.eval_every is None or self.step >= self.total_steps:
+                    metrics = self.evaluate(epoch + 1) or metrics
             self._checkpoint()
         finally:
             if in_main_thread:
@@ -287,7 +290,9 @@ class Trainer:
             distributed.leave(self.world)
         return metrics
 
-    def _train_epoch(self, epoch: int) -> None:
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        """One epoch's steps (from the current one); the last mid-epoch evaluation, if any."""
+        metrics: dict[str, float] = {}
         self.network.train()
         started, images = time.monotonic(), 0
         done_before = self.step - epoch * self.steps_per_epoch
@@ -329,6 +334,9 @@ class Trainer:
                 bar.update()
                 if stop or self.step >= self.total_steps:
                     break
+                if self.config.eval_every and self.step % self.config.eval_every == 0:
+                    metrics = self.evaluate(epoch + 1)
+        return metrics
 
     def _steps(self, epoch: int, skip: int) -> Iterator[Step]:
         """This epoch's batches from batch `skip` on, each with its own consistent view.

@@ -213,7 +213,7 @@ def test_deit_student_trains_its_distillation_head_and_reports_each_head(
 ) -> None:
     overrides = {
         "loss.name": "deit",
-        "student.arch": "kdserve:deit_tiny",
+        "student.arch": "kdserve:deit_nano",
         "max_steps": 3,
         "batch_size": 16,
         "optimizer.name": "adamw",
@@ -315,3 +315,13 @@ def test_float16_autocast_with_a_grad_scaler_on_cuda(server: ServerThread, tmp_p
     losses = train_losses(tmp_path / "cuda")
     assert all(math.isfinite(loss) for loss in losses)
     assert "scaler" in load_checkpoint(tmp_path / "cuda")
+
+
+def test_eval_every_evaluates_mid_epoch_and_once_at_the_end(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    overrides = {"loss.name": "ce", "max_steps": 10, "eval_every": 4, "batch_size": 16}
+    Trainer(run_config(server, tmp_path / "ce", **overrides)).fit()
+    evaluations = [r for r in read_metrics(tmp_path / "ce") if r["kind"] == "eval"]
+    assert [r["step"] for r in evaluations] == [4, 8, 10]
+    assert "teacher_accuracy" not in evaluations[-1]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 SIZES: dict[str, tuple[int, int, int]] = {
+    "deit_nano": (96, 4, 3),  # not in the paper: small enough to train on a CPU (demo, tests)
     "deit_tiny": (192, 12, 3),
     "deit_small": (384, 12, 6),
     "deit_base": (768, 12, 12),
@@ -84,6 +85,6 @@ class DistilledViT(nn.Module):
 
 
 def deit(name: str, num_classes: int, image_size: tuple[int, int]) -> DistilledViT:
-    """`deit_tiny`, `deit_small` or `deit_base` with a distillation token."""
+    """`deit_tiny`, `deit_small`, `deit_base` (the paper's) or `deit_nano` (ours, for CPUs)."""
     dim, depth, heads = SIZES[name]
     return DistilledViT(num_classes, image_size=image_size, dim=dim, depth=depth, heads=heads)

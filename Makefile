@@ -1,11 +1,12 @@
-# `make test` on a fresh machine creates .venv at the repository root, installs the project with
-# pinned torch (the CPU build when no GPU is present), then runs the linters and the tests.
+# `make demo` and `make test` on a fresh machine create .venv at the repository root and install
+# the project with pinned torch (the CPU build when no GPU is present); then `demo` runs the
+# one-command demo (runs/demo) and `test` the linters and the tests.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_REQUIREMENTS := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo requirements/gpu.txt || echo requirements/cpu.txt)
 
-.PHONY: setup test lint protos bench-teacher clean
+.PHONY: setup demo test lint protos bench-teacher bench-student clean
 
 $(VENV)/.installed: pyproject.toml requirements/cpu.txt requirements/gpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +16,9 @@ $(VENV)/.installed: pyproject.toml requirements/cpu.txt requirements/gpu.txt
 	touch $@
 
 setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/kdserve-demo
 
 test: lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider
@@ -29,6 +33,9 @@ protos: setup
 
 bench-teacher: setup
 	MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 $(PY) bench/teacher_throughput.py
+
+bench-student: setup
+	MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 $(PY) bench/student_throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -161,6 +161,8 @@ def plot_curves(runs: Sequence[Run], out: Path) -> Path:
             if xs:
                 marker = "" if kind == "train" else "o"
                 axes.plot(xs, ys, marker=marker, color=f"C{index % 10}", label=run.name)
+        if kind == "train":
+            axes.set_yscale("log")  # the losses' scales differ by orders of magnitude
         axes.set_title(title)
         axes.set_xlabel(x)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -78,6 +78,7 @@ def ensure_teacher(
     if cached and all(path.is_file() for path in weights.values()):
         print(f"teacher: cached weights in {teacher_dir} (delete it to train again)")
     else:
+        recipe_path.unlink(missing_ok=True)  # the weights match it again only once all are done
         shutil.rmtree(teacher_dir / "runs", ignore_errors=True)
         print(
             f"teacher: training {', '.join(m.arch for m in members)} on every digits label, "
@@ -89,7 +90,6 @@ def ensure_teacher(
             config = recipes.write_yaml(
                 teacher_dir / "configs" / f"{member.name}.yaml", runs[member.name]
             )
-            children.threads_per_child = threads
             children.start(
                 f"teacher {member.name}",
                 [
@@ -100,6 +100,7 @@ def ensure_teacher(
                     str(teacher_dir / "runs" / member.name),
                 ],
                 teacher_dir / "logs" / f"{member.name}.log",
+                threads=threads,
             )
         children.wait_all()
         for member in members:
@@ -138,7 +139,6 @@ def start_server(children: Children, teacher_config: Path, run_dir: Path) -> dic
     """Start kdserve-teacher on free loopback ports; its endpoints once every model is ready."""
     port_file = run_dir / "ports.json"
     port_file.unlink(missing_ok=True)
-    children.threads_per_child = 1
     children.start(
         SERVER,
         [
@@ -179,7 +179,6 @@ def start_students(
 ) -> dict[str, Path]:
     students_dir = run_dir / "students"
     shutil.rmtree(students_dir, ignore_errors=True)
-    children.threads_per_child = 1
     out = {}
     for loss in losses:
         config = recipes.student_run_config(

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -48,8 +48,7 @@ class Child:
 class Children:
     """Started processes by name; stopping sends SIGTERM, waits, then kills what is left."""
 
-    def __init__(self, threads_per_child: int = 1) -> None:
-        self.threads_per_child = threads_per_child
+    def __init__(self) -> None:
         self.running: dict[str, Child] = {}
 
     def start(
@@ -57,16 +56,16 @@ class Children:
         name: str,
         argv: Sequence[str],
         log_path: Path,
-        env: Mapping[str, str] | None = None,
+        *,
+        threads: int = 1,
     ) -> Child:
+        """Start `argv` with its output in `log_path`, limited to `threads` compute threads."""
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        threads = str(self.threads_per_child)
         environment = {
             **os.environ,
-            "OMP_NUM_THREADS": threads,
-            "MKL_NUM_THREADS": threads,
+            "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
             "PYTHONUNBUFFERED": "1",
-            **(env or {}),
         }
         log_file = open(log_path, "wb")  # noqa: SIM115 (closed in stop_all / wait)
         process = subprocess.Popen(

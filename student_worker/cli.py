@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from student_worker import __version__, report
-from student_worker.checkpoint import CheckpointError, load_checkpoint
+from student_worker.checkpoint import LATEST, CheckpointError, load_checkpoint
 from student_worker.config import load_run_config
 from student_worker.trainer import Trainer, TrainingError
 from teacher_server.config import ConfigError
@@ -41,6 +41,11 @@ def train_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output-dir", type=Path)
     parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+    parser.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="continue the run in --output-dir if it holds one, else start it (for restarts)",
+    )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
@@ -96,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         config = load_run_config(args.config, overrides)
-        trainer = Trainer(config, resume=args.resume)
+        resume = args.resume or (args.auto_resume and (config.output_dir / LATEST).is_file())
+        trainer = Trainer(config, resume=resume)
         metrics = trainer.fit()
     except (ConfigError, TrainingError, CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"kdserve-student: {exc}", file=sys.stderr)

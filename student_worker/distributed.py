@@ -49,8 +49,15 @@ def rank_device(world: World, setting: str) -> torch.device:
         setting = "cuda" if torch.cuda.is_available() else "cpu"
     if setting.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {setting!r} was asked for but torch sees no CUDA device")
+    if world.distributed and setting.startswith("cuda:"):
+        raise ValueError(
+            f"device {setting!r} would put every rank on one GPU; under torchrun use "
+            "device: cuda (each rank takes the GPU of its local rank)"
+        )
     if setting == "cuda":
-        return torch.device("cuda", world.local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", world.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
     return torch.device(setting)
 
 

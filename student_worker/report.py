@@ -78,13 +78,16 @@ def load_run(run_dir: Path) -> Run:
 
 
 def images_per_second(run: Run) -> float | None:
-    """Mean training throughput over the last epoch that logged any."""
+    """The training throughput of the last epoch that logged any.
+
+    Each train record holds the images/s since its epoch began, so the epoch's last record is
+    the epoch's throughput.
+    """
     timed = [r for r in run.train_records if "images_per_s" in r]
     if not timed:
         return None
     last_epoch = max(r["epoch"] for r in timed)
-    rates = [float(r["images_per_s"]) for r in timed if r["epoch"] == last_epoch]
-    return sum(rates) / len(rates)
+    return float([r for r in timed if r["epoch"] == last_epoch][-1]["images_per_s"])
 
 
 def last_step(run: Run) -> int | None:

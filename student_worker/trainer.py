@@ -49,12 +49,12 @@ from student_worker.losses import TRAINER_SETTINGS, LossFn, build, defaults
 from student_worker.metrics import FidelityMeter
 from student_worker.models import TwoHeads, has_two_heads
 from student_worker.prefetch import Prefetcher, Teacher, TeacherRequests
+from student_worker.report import METRICS_FILE
 from teacher_server.archs import create_model
 from teacher_server.client import TeacherClient
 from teacher_server.weights import load_weights
 
 log = logging.getLogger(__name__)
-METRICS_FILE = "metrics.jsonl"
 TRAIN_PROBE = 512
 
 
@@ -227,17 +227,20 @@ class Trainer:
         return sampler
 
     def _loader(self, epoch: int, skip: int) -> DataLoader[tuple[torch.Tensor, int, int]]:
-        """The epoch's full batches from batch `skip` on (a resumed run loads no skipped image)."""
+        """The epoch's full batches from batch `skip` on, up to the run's last step (a resumed
+        run loads no skipped image; the prefetcher asks for no batch past the end)."""
         self.sampler.set_epoch(epoch)
         order = list(self.sampler)
         size = self.config.batch_size
-        batches = [order[i : i + size] for i in range(0, self.steps_per_epoch * size, size)]
+        last = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+        batches = [order[i : i + size] for i in range(0, last * size, size)]
         return DataLoader(
             self.train_subset,
             batch_sampler=batches[skip:],
             collate_fn=collate_uint8,
             num_workers=self.config.data.workers,
-            pin_memory=self.device.type == "cuda",
+            # Its own generator for the loader's base seed, so the global RNG (saved in
+            # checkpoints) is not drawn from at each epoch's start.
             generator=torch.Generator().manual_seed(self.config.seed),
         )
 
@@ -277,6 +280,10 @@ class Trainer:
             while self.step < self.total_steps and not self._stop_requested:
                 epoch = self.step // self.steps_per_epoch
                 metrics = self._train_epoch(epoch) or metrics
+                # A SIGTERM after the epoch's last step is agreed on here, so every rank stops.
+                self._stop_requested = distributed.any_rank(
+                    self.world, self._stop_requested, self.device
+                )
                 if self._stop_requested:
                     break
                 # With eval_every, the last step is evaluated here, never twice (the loop
@@ -502,7 +509,21 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
         self.step = int(state["step"])
+        if self.world.is_main:
+            self._forget_records_after(self.step)
         log.info("resumed %s at step %d", self.out, self.step)
+
+    def _forget_records_after(self, step: int) -> None:
+        """Drop the metrics a killed run logged after its checkpoint: they are trained again."""
+        path = self.out / METRICS_FILE
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        if len(kept) < len(lines):
+            tmp = path.with_name(f".{METRICS_FILE}.tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(path)
 
     def _write(self, record: dict[str, Any]) -> None:
         if not self.world.is_main:

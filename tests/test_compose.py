@@ -6,6 +6,7 @@ loopback, each volume a temporary folder, `teacher` resolved to 127.0.0.1.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -112,6 +113,7 @@ def test_the_cluster_wires_teacher_and_students() -> None:
             student = cluster[name]
             assert student["command"][0] == "kdserve-student"
             assert "grpc://teacher:50051" in student["command"]
+            assert "--auto-resume" in student["command"], "a restarted student continues"
             assert student["depends_on"]["teacher"]["condition"] == "service_healthy"
             assert "checkpoints:/checkpoints" in student["volumes"]
             assert "data:/data" in student["volumes"]
@@ -129,6 +131,7 @@ def test_teacher_alone_serves_an_ensemble_and_students_alone_take_its_address() 
     assert set(students) == set(STUDENTS)
     for student in students.values():
         assert any("${KDSERVE_TEACHER_URL:?" in arg for arg in student["command"])
+        assert "--auto-resume" in student["command"]
         assert gpu_ids(student)
 
 
@@ -144,6 +147,11 @@ def test_the_images_install_the_readme_pins() -> None:
 
 
 # ---- the cluster's commands, run here ---------------------------------------------------
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    records = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [r["step"] for r in records if r["kind"] == "train"]
 
 
 def free_port() -> int:
@@ -246,8 +254,16 @@ def test_the_cluster_commands_train_two_students_against_one_teacher(
         for name, student in zip(STUDENTS, students, strict=True):
             _, stderr = student.communicate(timeout=300)
             assert student.returncode == 0, f"{name}: {stderr[-3000:]}"
-            metrics = (cluster.volumes["checkpoints"] / name / "metrics.jsonl").read_text()
-            assert metrics.count('"kind": "train"') == 3
+            assert train_steps(cluster.volumes["checkpoints"] / name) == [1, 2, 3]
+        restarted = subprocess.run(
+            cluster.argv("student-a", "--max-steps", "5", "--threads", "1"),
+            env=cluster.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert restarted.returncode == 0, restarted.stderr[-3000:]
+        assert train_steps(cluster.volumes["checkpoints"] / "student-a") == [1, 2, 3, 4, 5]
     finally:
         teacher.terminate()
         teacher.wait(timeout=30)

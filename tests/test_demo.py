@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from student_worker.checkpoint import load_checkpoint
+from student_worker.data import build_datasets
+from student_worker.demo import recipes
+
 pytestmark = pytest.mark.slow
 
 DEMO = str(Path(sys.executable).with_name("kdserve-demo"))
@@ -75,9 +79,12 @@ def test_the_demo_trains_serves_and_distills_every_loss(
     run_dir, result = demo_run
     assert result.returncode == 0, result.stderr[-4000:]
     out = result.stdout
-    assert "labels on 10% of the training images" in out
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("run "))
+    heading = lines[header - 1]
+    assert heading.startswith("kdserve demo:") and "(seed 0)" in heading
+    assert "labels on 10% of the 1437 training images" in heading
+    assert "6 steps of 64 per student (ce, kd, dkd, dist, deit), 0.3 epochs" in heading
     rows = {line.split()[0]: line.split() for line in lines[header + 2 : header + 7]}
     assert set(rows) == {"ce", "kd", "dkd", "dist", "deit"}
     for loss, cells in rows.items():
@@ -108,7 +115,7 @@ def test_a_second_run_reuses_the_cached_teacher(
     )
     assert again.returncode == 0, again.stderr[-4000:]
     assert "teacher: cached weights" in again.stdout
-    assert "students with every label" in again.stdout
+    assert "students with every label of the 1437 training images" in again.stdout
     assert weights.stat().st_mtime_ns == trained_at
     assert not (run_dir / "students" / "ce").exists()
     assert_all_stopped(run_dir)
@@ -144,8 +151,12 @@ def test_ctrl_c_stops_every_process_and_frees_the_ports(
     assert_all_stopped(run_dir)
     for loss, path in zip(("ce", "kd"), metrics, strict=True):
         steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
-        assert steps and steps[-1] < 100000
-        assert (run_dir / "students" / loss / "checkpoint.pt").is_file(), "SIGTERM checkpoints"
+        checkpoint = load_checkpoint(run_dir / "students" / loss)
+        assert checkpoint["step"] == steps[-1], f"{loss}: SIGTERM checkpoints the last step"
+
+
+def test_the_title_counts_the_real_training_split() -> None:
+    assert len(build_datasets("digits")[0]) == recipes.DIGITS_TRAIN_IMAGES
 
 
 def test_bad_arguments_exit_2() -> None:

@@ -103,7 +103,7 @@ def test_table_reads_last_eval_and_last_epoch_throughput(kd_run: Path) -> None:
     header = table.splitlines()[0]
     assert header.split("  ")[0].strip() == "run"
     assert "head acc" not in header and "train KL" not in header
-    assert rows(table)["kd"] == ["87.50", "-", "90.00", "0.1234", "0.0500", "0.4000", "400.0", "4"]
+    assert rows(table)["kd"] == ["87.50", "-", "90.00", "0.1234", "0.0500", "0.4000", "500.0", "4"]
 
 
 def test_table_adds_deit_and_train_columns_when_any_run_has_them(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from student_worker.config import load_run_config
+from student_worker.config import RunConfig, load_run_config
 from teacher_server.config import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "student.yaml"
@@ -19,7 +21,28 @@ def write(tmp_path: Path, data: object) -> Path:
     return path
 
 
-def test_the_documented_example_config_is_valid() -> None:
+def fields(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Every field of a config model, nested ones dotted."""
+    names = set()
+    for name, field in model.model_fields.items():
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            names |= fields(kind, f"{prefix}{name}.")
+        else:
+            names.add(prefix + name)
+    return names
+
+
+def keys(data: dict[str, Any], prefix: str = "") -> set[str]:
+    names = set()
+    for name, value in data.items():
+        nested = isinstance(value, dict) and name != "hyperparameters"
+        names |= keys(value, f"{prefix}{name}.") if nested else {prefix + name}
+    return names
+
+
+def test_the_documented_example_config_lists_every_field() -> None:
+    assert keys(yaml.safe_load(EXAMPLE.read_text())) == fields(RunConfig)
     config = load_run_config(EXAMPLE, environ={})
     assert config.loss.name == "kd" and config.teacher.endpoints == ["grpc://127.0.0.1:50051"]
     assert config.device == "auto" and config.amp == "auto"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -275,7 +276,7 @@ def test_torchrun_trains_one_student_on_two_gloo_ranks(
     assert [r["kind"] for r in records].count("eval") == 1
     served = model_stats(server)["small"]["images"] - before
     eval_images = 360 + 512  # the held-out digits and the training probe, asked by rank 0 once
-    assert served >= 2 * 4 * 16 + eval_images, "both ranks should fetch their own soft targets"
+    assert served == 2 * 4 * 16 + eval_images, "each rank fetches its own soft targets, no more"
     torchrun("--max-steps", "6", "--resume")
     steps = [r["step"] for r in read_metrics(out) if r["kind"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]
@@ -320,3 +321,20 @@ def test_eval_every_evaluates_mid_epoch_and_once_at_the_end(
     evaluations = [r for r in read_metrics(tmp_path / "ce") if r["kind"] == "eval"]
     assert [r["step"] for r in evaluations] == [4, 8, 10]
     assert "teacher_accuracy" not in evaluations[-1]
+
+
+def test_resume_forgets_steps_logged_after_the_checkpoint(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    """A run killed between checkpoints logged steps it will train again: they go."""
+    out = tmp_path / "killed"
+    Trainer(run_config(server, out, **{"loss.name": "ce", "max_steps": 6})).fit()
+    with open(out / "metrics.jsonl", "a") as handle:
+        for step in (7, 8, 9):
+            handle.write(
+                json.dumps({"kind": "train", "step": step, "epoch": 1, "loss": 9.0}) + "\n"
+            )
+    Trainer(run_config(server, out, **{"loss.name": "ce", "max_steps": 8}), resume=True).fit()
+    steps = [r["step"] for r in read_metrics(out) if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert 9.0 not in train_losses(out)

@@ -257,14 +257,17 @@ def server_stats(ports: dict[str, Any], members: tuple[Member, ...]) -> str:
 
 
 def title(args: argparse.Namespace, members: tuple[Member, ...], losses: Sequence[str]) -> str:
+    """The regime, seed and lengths of the run: the table's heading."""
     labels = "every label" if args.full_labels else f"labels on {args.labeled_fraction:.0%}"
     teacher = " + ".join(m.arch for m in members)
+    epochs = args.steps * recipes.BATCH_SIZE / recipes.DIGITS_TRAIN_IMAGES
     return (
-        f"kdserve demo: digits at {recipes.IMAGE_SIZE} px, students with {labels} of the training "
-        f"images (seed {args.seed}), the teacher ({teacher}) on all of them; "
+        f"kdserve demo: digits at {recipes.IMAGE_SIZE} px, students with {labels} of the "
+        f"{recipes.DIGITS_TRAIN_IMAGES} training images (seed {args.seed}), the teacher "
+        f"({teacher}, {args.teacher_epochs} epochs on every label) teaching on all of them; "
         f"{args.steps} steps of {recipes.BATCH_SIZE} per student ({', '.join(losses)}), "
-        f"teacher {args.teacher_epochs} epochs; {cores()} CPU cores, {platform.machine()}, "
-        f"torch {torch.__version__}"
+        f"{epochs:.1f} epochs of the training images; {cores()} CPU cores, "
+        f"{platform.machine()}, torch {torch.__version__}"
     )
 
 
@@ -335,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         children.stop(SERVER)
         runs = [report.load_run(path) for path in students.values()]
         print()
+        print(title(args, members, losses))
         print(report.summary_table(runs))
         print()
         print(stats)

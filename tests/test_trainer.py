@@ -131,6 +131,25 @@ def test_bad_settings_are_clear_errors(
         Trainer(run_config(server, tmp_path / "c"), resume=True)
 
 
+def student_command(teacher_url: str, out: Path, *extra: str) -> list[str]:
+    """kdserve-student's arguments for a KD run of the shared test teacher."""
+    return [
+        "--teacher",
+        teacher_url,
+        "--teacher-model",
+        "small",
+        "--loss",
+        "kd",
+        "--batch-size",
+        "16",
+        "--threads",
+        "1",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
+
+
 def test_cli_trains_and_exports_a_student_the_server_can_serve(
     server: ServerThread, tmp_path: Path
 ) -> None:
@@ -140,20 +159,7 @@ def test_cli_trains_and_exports_a_student_the_server_can_serve(
     result = subprocess.run(
         [
             str(bin_dir / "kdserve-student"),
-            "--teacher",
-            server.endpoints.http_url,
-            "--teacher-model",
-            "small",
-            "--loss",
-            "kd",
-            "--max-steps",
-            "4",
-            "--batch-size",
-            "16",
-            "--threads",
-            "1",
-            "--output-dir",
-            str(out),
+            *student_command(server.endpoints.http_url, out, "--max-steps", "4"),
         ],
         env=env,
         capture_output=True,
@@ -226,24 +232,6 @@ def test_deit_student_trains_its_distillation_head_and_reports_each_head(
     assert [r["kind"] for r in read_metrics(tmp_path / "deit")].count("train") == 3
 
 
-def student_command(server: ServerThread, out: Path, *extra: str) -> list[str]:
-    return [
-        "--teacher",
-        server.endpoints.grpc_url,
-        "--teacher-model",
-        "small",
-        "--loss",
-        "kd",
-        "--batch-size",
-        "16",
-        "--threads",
-        "1",
-        "--output-dir",
-        str(out),
-        *extra,
-    ]
-
-
 def test_torchrun_trains_one_student_on_two_gloo_ranks(
     server: ServerThread, tmp_path: Path
 ) -> None:
@@ -260,7 +248,7 @@ def test_torchrun_trains_one_student_on_two_gloo_ranks(
                 "2",
                 "--no-python",
                 str(bin_dir / "kdserve-student"),
-                *student_command(server, out, *extra),
+                *student_command(server.endpoints.grpc_url, out, *extra),
             ],
             env={**os.environ, "OMP_NUM_THREADS": "1"},
             capture_output=True,

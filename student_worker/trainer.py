@@ -118,15 +118,15 @@ class Trainer:
         self.recipe = self._recipe()
         self.distill: LossFn | None = None
         self.teacher: Teacher | None = None
-        self.view_size = size
+        view_size = size
         if config.loss.name != "ce":
             self.distill = build(
                 config.loss.name,
                 **{k: v for k, v in self.recipe.items() if k not in TRAINER_SETTINGS},
             )
-            self.teacher, self.view_size = self._connect_teacher()
+            self.teacher, view_size = self._connect_teacher()
         self.augment = AugmentSettings(
-            view_size=self.view_size,
+            view_size=view_size,
             crop_scale=config.augment.crop_scale,
             flip=config.augment.flip,
             mixup_alpha=config.augment.mixup_alpha,
@@ -226,14 +226,17 @@ class Trainer:
             )
         return sampler
 
+    def _epoch_steps(self, epoch: int) -> int:
+        """How many steps epoch `epoch` has: all of them, or fewer in the run's last one."""
+        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+
     def _loader(self, epoch: int, skip: int) -> DataLoader[tuple[torch.Tensor, int, int]]:
         """The epoch's full batches from batch `skip` on, up to the run's last step (a resumed
         run loads no skipped image; the prefetcher asks for no batch past the end)."""
         self.sampler.set_epoch(epoch)
         order = list(self.sampler)
         size = self.config.batch_size
-        last = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
-        batches = [order[i : i + size] for i in range(0, last * size, size)]
+        batches = [order[i : i + size] for i in range(0, self._epoch_steps(epoch) * size, size)]
         return DataLoader(
             self.train_subset,
             batch_sampler=batches[skip:],
@@ -303,10 +306,9 @@ class Trainer:
         self.network.train()
         started, images = time.monotonic(), 0
         done_before = self.step - epoch * self.steps_per_epoch
-        left = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
         # A bar on a terminal; logs get metrics.jsonl instead (tqdm disables itself off a TTY).
         with tqdm(
-            total=left,
+            total=self._epoch_steps(epoch),
             initial=done_before,
             desc=f"epoch {epoch + 1}",
             unit="step",
@@ -375,9 +377,7 @@ class Trainer:
         view = batch.view.to(self.device, non_blocking=True)
         inputs = student_input(view, batch.mix, self.student_size, self.mean, self.std)
         targets = batch.targets.to(self.device)
-        with torch.autocast(
-            self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
-        ):
+        with self._autocast():
             class_logits, distill_logits = self.network(inputs)
         ce = self._mixed_cross_entropy(class_logits.float(), targets)
         total = self.recipe["ce_weight"] * ce
@@ -398,6 +398,12 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         return float(total.detach()), parts
+
+    def _autocast(self) -> torch.autocast:
+        """The forward's AMP context (a no-op when `amp` is off)."""
+        return torch.autocast(
+            self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+        )
 
     def _mixed_cross_entropy(self, logits: torch.Tensor, targets: MixedLabels) -> torch.Tensor:
         """lam * CE(y_a) + (1 - lam) * CE(y_b) over samples whose both labels are known."""
@@ -464,9 +470,7 @@ class Trainer:
         for index, (images, labels, _) in enumerate(batches):
             view = images.to(self.device, non_blocking=True)
             inputs = student_input(view, None, self.student_size, self.mean, self.std)
-            with torch.autocast(
-                self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
-            ):
+            with self._autocast():
                 class_logits, distill_logits = self.heads(inputs)
             class_logits, distill_logits = class_logits.float().cpu(), distill_logits.float().cpu()
             logits = (class_logits + distill_logits) / 2

@@ -150,40 +150,30 @@ def student_command(teacher_url: str, out: Path, *extra: str) -> list[str]:
     ]
 
 
+def kdserve_student(*arguments: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the installed `kdserve-student` with one thread."""
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("kdserve-student")), *arguments],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+
+
 def test_cli_trains_and_exports_a_student_the_server_can_serve(
     server: ServerThread, tmp_path: Path
 ) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    bin_dir = Path(sys.executable).parent
     out = tmp_path / "run"
-    result = subprocess.run(
-        [
-            str(bin_dir / "kdserve-student"),
-            *student_command(server.endpoints.http_url, out, "--max-steps", "4"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = kdserve_student(
+        *student_command(server.endpoints.http_url, out, "--max-steps", "4"), timeout_s=300
     )
     assert result.returncode == 0, result.stderr
     assert "agreement=" in result.stdout
     weights = tmp_path / "student.safetensors"
-    exported = subprocess.run(
-        [str(bin_dir / "kdserve-student"), "export", str(out), "--out", str(weights)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    exported = kdserve_student("export", str(out), "--out", str(weights))
     assert exported.returncode == 0, exported.stderr
-    reported = subprocess.run(
-        [str(bin_dir / "kdserve-student"), "report", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    reported = kdserve_student("report", str(out))
     assert reported.returncode == 0, reported.stderr
     header, _, row = reported.stdout.splitlines()[:3]
     assert "agreement (%)" in header and row.split()[0] == "run" and row.split()[-1] == "4"
@@ -205,13 +195,7 @@ def test_cli_trains_and_exports_a_student_the_server_can_serve(
         TeacherClient.connect(chain.endpoints.grpc_url, model="student") as client,
     ):
         assert client.infer(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 10)
-    bad = subprocess.run(
-        [str(bin_dir / "kdserve-student"), "--loss", "kd", "--output-dir", str(tmp_path / "x")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bad = kdserve_student("--loss", "kd", "--output-dir", str(tmp_path / "x"))
     assert bad.returncode == 2 and "needs a teacher" in bad.stderr
 
 

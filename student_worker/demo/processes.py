@@ -81,9 +81,8 @@ class Children:
         self.running[name] = child
         return child
 
-    def check(self) -> list[str]:
-        """Names of children that exited 0 (forgotten); raises if one failed."""
-        finished = []
+    def check(self) -> None:
+        """Forget the children that exited 0; raise if one failed."""
         for name, child in list(self.running.items()):
             code = child.process.poll()
             if code is None:
@@ -95,8 +94,6 @@ class Children:
                     f"{name} exited with code {code}; the end of {child.log_path}:\n"
                     f"{child.log_tail()}"
                 )
-            finished.append(name)
-        return finished
 
     def wait_all(self, poll_s: float = 0.5) -> None:
         while self.running:

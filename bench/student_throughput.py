@@ -10,7 +10,8 @@ way alike:
 - `in-process`: KD with the same teacher model run inside the student on the student's thread,
   as KD scripts do today.
 Images/s is each epoch's training throughput (evaluation excluded), the first epoch dropped as
-warm-up; ratios are against `ce` of the same round. Target (ARCHITECTURE.md): `remote` >= 0.9x.
+warm-up; ratios are against `ce` of the same round. Target (docs/architecture.md): `remote`
+>= 0.95x.
 
 Run (the README records the results):
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 \
@@ -36,11 +37,11 @@ import teacher_throughput as throughput
 
 from student_worker.augment import student_input
 from student_worker.config import load_run_config
-from student_worker.prefetch import Teacher
-from student_worker.trainer import Trainer, read_metrics
-from teacher_server.archs import create_model
-from teacher_server.registry import RANDOM_INIT_SEED
-from teacher_server.views import Mix
+from student_worker.runlog import RunLog
+from student_worker.trainer import Trainer
+from teacher_server.server.registry import RANDOM_INIT_SEED
+from teacher_server.shared.archs import create_model
+from teacher_server.shared.contract import Mix
 
 STUDENT = "kdserve:resnet20"
 TEACHER = "kdserve:resnet32"
@@ -66,11 +67,6 @@ class InProcessTeacher:
         return logits
 
 
-class InProcessTrainer(Trainer):
-    def _connect_teacher(self) -> tuple[Teacher, int]:
-        return InProcessTeacher(self.info.num_classes), self.info.image_size
-
-
 def train(way: str, grpc_url: str, out: Path, epochs: int, prefetch: int) -> float:
     """Train one way; the mean training images/s of its epochs after the first."""
     overrides: dict[str, Any] = {
@@ -86,9 +82,9 @@ def train(way: str, grpc_url: str, out: Path, epochs: int, prefetch: int) -> flo
         "checkpoint_every": 10**6,
     }
     config = load_run_config(None, overrides)
-    trainer = (InProcessTrainer if way == "in-process" else Trainer)(config)
-    trainer.fit()
-    records = [r for r in read_metrics(out) if r["kind"] == "train" and r["epoch"] > 1]
+    teacher = InProcessTeacher(num_classes=10) if way == "in-process" else None
+    Trainer(config, teacher=teacher).fit()
+    records = [r for r in RunLog(out).records("train") if r["epoch"] > 1]
     last_of_epoch = {r["epoch"]: r["images_per_s"] for r in records}
     return statistics.fmean(last_of_epoch.values())
 

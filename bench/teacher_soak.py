@@ -1,6 +1,6 @@
 """The teacher server's memory under sustained load: RSS sampled over a long run at 8 clients.
 
-Target (ARCHITECTURE.md): RSS stays within 10% of its level after warm-up over 5 minutes.
+Target (docs/architecture.md): RSS stays within 10% of its level after warm-up over 5 minutes.
 Run:
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 \
         .venv/bin/python bench/teacher_soak.py --seconds 300

@@ -26,15 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import torch
 
-from teacher_server.archs import create_model
-from teacher_server.codec import tensor_to_wire
-from teacher_server.proto_codec import request_message
-from teacher_server.registry import RANDOM_INIT_SEED
-from teacher_server.tv import import_torchvision
-from teacher_server.views import normalize
+from teacher_server.server.registry import RANDOM_INIT_SEED
+from teacher_server.shared import wire
+from teacher_server.shared.archs import create_model
+from teacher_server.shared.contract import InferRequest, InferResult, Timings
+from teacher_server.shared.tv import import_torchvision
+from teacher_server.shared.views import normalize
 
 import_torchvision()
 from torchvision.transforms.v2 import functional as tv_functional  # noqa: E402
@@ -222,27 +221,16 @@ def wire_bytes(case: Case) -> dict[str, float]:
     """Bytes per image of one request + its float16 answer, for both encodings."""
     images = torch.zeros(case.batch, 3, case.size, case.size, dtype=torch.uint8)
     classes = case.model_entry["num_classes"]
-    fields = {
-        "model": case.model_entry["name"],
-        "images": tensor_to_wire(images),
-        "output_dtype": "float16",
-        "request_id": "0" * 32,
-    }
-    answer = {
-        "model": case.model_entry["name"],
-        "request_id": "0" * 32,
-        "logits": tensor_to_wire(torch.zeros(case.batch, classes, dtype=torch.float16)),
-        "timings": {
-            "queue_ms": 1.0,
-            "compute_ms": 1.0,
-            "total_ms": 1.0,
-            "batch_sizes": [case.batch],
-        },
-    }
-    from teacher_server.proto_codec import response_message
-
-    http = len(msgpack.packb(fields)) + len(msgpack.packb(answer))
-    grpc_bytes = request_message(fields).ByteSize() + response_message(answer).ByteSize()
+    name = case.model_entry["name"]
+    request = InferRequest(name, images, output_dtype="float16", request_id="0" * 32)
+    answer = InferResult(
+        name,
+        "0" * 32,
+        logits=torch.zeros(case.batch, classes, dtype=torch.float16),
+        timings=Timings(1.0, 1.0, 1.0, (case.batch,)),
+    )
+    http = len(wire.request_to_msgpack(request)) + len(wire.result_to_msgpack(answer))
+    grpc_bytes = len(wire.request_to_protobuf(request)) + len(wire.result_to_protobuf(answer))
     floor = 3 * case.size * case.size + 2 * classes
     return {"floor": floor, "http": http / case.batch, "grpc": grpc_bytes / case.batch}
 

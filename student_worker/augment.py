@@ -1,7 +1,7 @@
 """Consistent teaching (FunMatch): augment a batch once, send that exact view to the teacher.
 
 Crops and flips are applied to the uint8 pixels here; mixup / cutmix are drawn as parameters
-(`teacher_server.views.Mix`) and applied to unit floats, by the teacher server and by
+(`teacher_server.shared.views.Mix`) and applied to unit floats, by the teacher server and by
 `student_input` alike, so teacher and student see one image. When the teacher's resolution
 is higher than the student's, the crop is taken at the teacher's size and the student
 downsamples it for itself (one crop of the original image, resized separately per model).
@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from teacher_server.tv import import_torchvision
-from teacher_server.views import Mix, mix_views, normalize, resize_views, to_unit_float
+from teacher_server.shared.contract import Mix
+from teacher_server.shared.tv import import_torchvision
+from teacher_server.shared.views import mix_views, normalize, resize_views, to_unit_float
 
 import_torchvision()
 from torchvision.transforms.v2 import functional as tv_functional  # noqa: E402

@@ -7,11 +7,11 @@ import logging
 import sys
 from pathlib import Path
 
-from student_worker import __version__, report
+from student_worker import __version__, losses, report
 from student_worker.checkpoint import LATEST, CheckpointError, load_checkpoint
 from student_worker.config import load_run_config
 from student_worker.trainer import Trainer, TrainingError
-from teacher_server.config import ConfigError
+from teacher_server.shared.settings import ConfigError
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def train_parser() -> argparse.ArgumentParser:
         "--teacher", action="append", help="teacher endpoint(s), e.g. grpc://host:50051"
     )
     parser.add_argument("--teacher-model", help="the served model or ensemble to learn from")
-    parser.add_argument("--loss", help="ce, kd, dkd, dist or deit")
+    parser.add_argument("--loss", help=f"one of {', '.join(losses.names())}")
     parser.add_argument("--arch", help="student arch, e.g. kdserve:resnet8x4")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--max-steps", type=int)

@@ -1,7 +1,7 @@
 """Student run configuration: pydantic models loaded from YAML, overridden by CLI flags.
 
-Every loss hyper-parameter or trainer weight left unset takes the contract's default for the
-loss and image scale (`student_worker.losses.defaults`).
+Every loss hyper-parameter or objective weight left unset takes the loss's recipe for the
+image scale (`student_worker.losses`).
 """
 
 from __future__ import annotations
@@ -13,18 +13,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from student_worker import losses
 from student_worker.data import DatasetName
-from student_worker.losses import LOSSES
-from teacher_server.config import (
+from student_worker.objective import Objective, ObjectiveWeights
+from teacher_server.shared.settings import (
     AUTH_TOKEN_ENV,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     ConfigError,
     format_validation_error,
     read_yaml_mapping,
 )
-
-LossName = Literal["ce", "kd", "dkd", "dist", "deit"]
+from teacher_server.shared.views import IMAGENET_MEAN, IMAGENET_STD
 
 
 class _Strict(BaseModel):
@@ -52,9 +50,9 @@ class AugmentConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    """`ce` trains on labels alone; the others add a distillation term from the teacher."""
+    """A registered loss (`ce` trains on labels alone); unset values take its recipe's."""
 
-    name: LossName = "kd"
+    name: str = "kd"
     hyperparameters: dict[str, float | str] = {}
     ce_weight: float | None = Field(None, ge=0.0)
     kd_weight: float | None = Field(None, ge=0.0)
@@ -63,9 +61,23 @@ class LossConfig(_Strict):
 
     @model_validator(mode="after")
     def _known(self) -> LossConfig:
-        if self.name != "ce" and self.name not in LOSSES:
-            raise ValueError(f"unknown loss {self.name!r}; known: ce, {', '.join(sorted(LOSSES))}")
+        self.objective(losses.SMALL_IMAGE_MAX_SIZE)  # the name, keys and values are checked
         return self
+
+    @property
+    def needs_teacher(self) -> bool:
+        return losses.get(self.name).needs_teacher
+
+    def objective(self, image_size: int) -> Objective:
+        """The loss's objective at `image_size`, with this config's values over its recipe's."""
+        weights = {
+            key: getattr(self, key)
+            for key in ObjectiveWeights.model_fields
+            if getattr(self, key) is not None
+        }
+        return losses.get(self.name).objective(
+            image_size, hyperparameters=self.hyperparameters, weights=weights
+        )
 
 
 class OptimizerConfig(_Strict):
@@ -122,7 +134,7 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _teacher_when_distilling(self) -> RunConfig:
-        if self.loss.name != "ce" and not self.teacher.endpoints:
+        if self.loss.needs_teacher and not self.teacher.endpoints:
             raise ValueError(
                 f"loss {self.loss.name!r} needs a teacher: set teacher.endpoints or --teacher"
             )

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from teacher_server.tv import import_torchvision
+from teacher_server.shared.tv import import_torchvision
 
 import_torchvision()
 from torchvision import datasets  # noqa: E402

@@ -1,6 +1,6 @@
 """Students by registry name, seen by the trainer as two heads (class, distillation).
 
-The names are the teacher server's (`teacher_server.archs`), so a trained student can be
+The names are the teacher server's (`teacher_server.shared.archs`), so a trained student can be
 served as a teacher as it is. A DeiT-style ViT has a real distillation head; any other model
 gives its one output for both.
 """

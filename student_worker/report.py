@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-METRICS_FILE = "metrics.jsonl"
-
-Record = dict[str, Any]
+from student_worker.runlog import Record, RunLog
 
 
 @dataclass(frozen=True)
@@ -56,25 +52,12 @@ MISSING = "-"
 
 def load_run(run_dir: Path) -> Run:
     """Read a run directory's `metrics.jsonl`; records of other kinds are ignored."""
-    path = run_dir / METRICS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no metrics file: {path}")
-    train: list[Record] = []
-    evals: list[Record] = []
-    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise ValueError(f"{path}, line {number}: not valid JSON ({exc})") from exc
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}, line {number}: expected a JSON object, got {record!r}")
-        if record.get("kind") == "train":
-            train.append(record)
-        elif record.get("kind") == "eval":
-            evals.append(record)
-    return Run(name=run_dir.resolve().name, train_records=train, eval_records=evals)
+    records = RunLog(run_dir).records()
+    return Run(
+        name=run_dir.resolve().name,
+        train_records=[r for r in records if r.get("kind") == "train"],
+        eval_records=[r for r in records if r.get("kind") == "eval"],
+    )
 
 
 def images_per_second(run: Run) -> float | None:

@@ -1,5 +1,5 @@
 """`python -m teacher_server` is `kdserve-teacher`."""
 
-from teacher_server.cli import main
+from teacher_server.server.cli import main
 
 raise SystemExit(main())

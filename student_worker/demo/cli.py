@@ -34,6 +34,7 @@ from student_worker import report
 from student_worker.demo import recipes
 from student_worker.demo.processes import ChildFailed, Children
 from student_worker.demo.recipes import Member
+from student_worker.runlog import RunLog
 
 SERVER = "teacher server"
 READY_TIMEOUT_S = 120.0
@@ -126,9 +127,8 @@ def ensure_teacher(
 
 
 def last_eval(run_dir: Path) -> dict[str, Any]:
-    if not (run_dir / report.METRICS_FILE).is_file():
-        return {}
-    evaluations = report.load_run(run_dir).eval_records
+    log = RunLog(run_dir)
+    evaluations = log.records("eval") if log.exists() else []
     return evaluations[-1] if evaluations else {}
 
 
@@ -201,10 +201,8 @@ def start_students(
 
 
 def train_steps(run_dir: Path) -> int:
-    path = run_dir / report.METRICS_FILE
-    if not path.is_file():
-        return 0
-    return path.read_bytes().count(b'"kind": "train"')
+    log = RunLog(run_dir)
+    return len(log.records("train")) if log.exists() else 0
 
 
 def follow(children: Children, students: dict[str, Path], steps: int) -> None:

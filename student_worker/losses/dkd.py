@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
-from student_worker.losses import checked_logits, register
+from student_worker.losses import Hyperparameters, Recipe, checked_logits, register
+from student_worker.objective import ObjectiveWeights
+
+
+class DKDParams(Hyperparameters):
+    alpha: float = Field(ge=0.0)
+    beta: float = Field(ge=0.0)
+    temperature: float = Field(gt=0.0)
 
 
 def decoupled_terms(
@@ -55,40 +63,24 @@ def _target_and_rest(scaled_logits: Tensor, labels: Tensor) -> tuple[Tensor, Ten
 
 @register(
     "dkd",
-    positive=("temperature",),
-    non_negative=("alpha", "beta"),
-    small_images={
-        "alpha": 1.0,
-        "beta": 8.0,
-        "temperature": 4.0,
-        "ce_weight": 1.0,
-        "kd_weight": 1.0,
-        "warmup_epochs": 20,
-        "label_smoothing": 0.0,
-    },
-    large_images={
-        "alpha": 0.5,
-        "beta": 0.5,
-        "temperature": 1.0,
-        "ce_weight": 1.0,
-        "kd_weight": 1.0,
-        "warmup_epochs": 1,
-        "label_smoothing": 0.0,
-    },
+    DKDParams,
+    small_images=Recipe(
+        ObjectiveWeights(ce_weight=1.0, kd_weight=1.0, warmup_epochs=20, label_smoothing=0.0),
+        DKDParams(alpha=1.0, beta=8.0, temperature=4.0),
+    ),
+    large_images=Recipe(
+        ObjectiveWeights(ce_weight=1.0, kd_weight=1.0, warmup_epochs=1, label_smoothing=0.0),
+        DKDParams(alpha=0.5, beta=0.5, temperature=1.0),
+    ),
 )
 def dkd_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    labels: Tensor,
-    *,
-    alpha: float,
-    beta: float,
-    temperature: float,
+    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, params: DKDParams
 ) -> Tensor:
     """(alpha * TCKD + beta * NCKD) * T^2, mean over samples (Zhao et al. CVPR 2022).
 
     `labels` must be int64 class indices (N,), the only form the trainer passes (under mixup the
-    label with the larger share). The trainer ramps this term up over `warmup_epochs`.
+    label with the larger share). The objective ramps this term up over `warmup_epochs`.
     """
+    temperature = params.temperature
     tckd, nckd, _ = decoupled_terms(student_logits, teacher_logits, labels, temperature=temperature)
-    return (alpha * tckd + beta * nckd).mean() * temperature**2
+    return (params.alpha * tckd + params.beta * nckd).mean() * temperature**2

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
-from student_worker.losses import checked_logits, register
+from student_worker.losses import Hyperparameters, Recipe, checked_logits, register
+from student_worker.objective import ObjectiveWeights
+
+
+class KDParams(Hyperparameters):
+    temperature: float = Field(gt=0.0)
 
 
 def kd_per_sample(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float) -> Tensor:
@@ -21,21 +27,19 @@ def kd_per_sample(student_logits: Tensor, teacher_logits: Tensor, *, temperature
 
 @register(
     "kd",
-    positive=("temperature",),
-    small_images={
-        "temperature": 4.0,
-        "ce_weight": 0.1,
-        "kd_weight": 0.9,
-        "warmup_epochs": 0,
-        "label_smoothing": 0.0,
-    },
+    KDParams,
+    small_images=Recipe(
+        ObjectiveWeights(ce_weight=0.1, kd_weight=0.9, warmup_epochs=0, label_smoothing=0.0),
+        KDParams(temperature=4.0),
+    ),
 )
 def kd_loss(
-    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, temperature: float
+    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, params: KDParams
 ) -> Tensor:
     """KL(softmax(t/T) || softmax(s/T)) * T^2, mean over samples; `labels` is unused.
 
     T^2 keeps the gradient scale independent of T (Hinton et al. 2015).
     """
+    temperature = params.temperature
     per_sample = kd_per_sample(student_logits, teacher_logits, temperature=temperature)
     return per_sample.mean() * temperature**2

@@ -1,0 +1,78 @@
+"""The student's teacher: a served model (or ensemble) checked against the data, asked per step.
+
+Each step's view goes to the teacher once and comes back as raw logits (temperature 1; each
+loss applies its own). The client waits out a teacher that is restarting or unreachable
+(`RetryPolicy.patient()`): training pauses with a log line and no batch is ever skipped.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Protocol
+
+import torch
+
+from student_worker.config import TeacherSettings
+from teacher_server.client import RetryPolicy, TeacherClient
+from teacher_server.shared.contract import Mix
+
+
+class TeacherMismatch(ValueError):
+    """The teacher cannot teach this run: not served there, or other classes than the data."""
+
+
+class Teacher(Protocol):
+    """Where the trainer gets a view's raw logits: a teacher server, or a model in-process."""
+
+    round_trip_s: float
+
+    def logits(self, step: int, view: torch.Tensor, mix: Mix | None) -> torch.Tensor: ...
+
+
+class TeacherRequests:
+    """Asks one served teacher for the raw logits of each step's view (request id run/step)."""
+
+    def __init__(self, client: TeacherClient, model: str, *, run_id: str) -> None:
+        self.client = client
+        self.model = model
+        self.run_id = run_id
+        self.round_trip_s = 0.0
+
+    def logits(self, step: int, view: torch.Tensor, mix: Mix | None) -> torch.Tensor:
+        started = time.monotonic()
+        logits = self.client.infer(
+            view, model=self.model, mix=mix, request_id=f"{self.run_id}/{step}"
+        )
+        self.round_trip_s = time.monotonic() - started
+        return logits
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def connect_teacher(
+    settings: TeacherSettings, *, num_classes: int, data_name: str, run_name: str
+) -> tuple[TeacherRequests, tuple[int, int]]:
+    """The teacher named in `settings` and its input size; TeacherMismatch if it cannot teach."""
+    token = settings.token.get_secret_value() if settings.token else None
+    client = TeacherClient.connect(
+        settings.endpoints, token=token, timeout_s=settings.timeout_s, retry=RetryPolicy.patient()
+    )
+    served = {m.name: m for m in client.list_models()}
+    name = settings.model or (next(iter(served)) if len(served) == 1 else None)
+    if name not in served:
+        client.close()
+        raise TeacherMismatch(
+            f"teacher model {name!r} is not served at {settings.endpoints}; "
+            f"available: {sorted(served)}"
+        )
+    info = served[name]
+    if info.num_classes != num_classes:
+        client.close()
+        raise TeacherMismatch(
+            f"the teacher {name!r} has {info.num_classes} classes but the data set "
+            f"{data_name!r} has {num_classes}"
+        )
+    run_id = f"{run_name}-{uuid.uuid4().hex[:8]}"
+    return TeacherRequests(client, name, run_id=run_id), info.input_size

@@ -1,0 +1,166 @@
+"""The client's connections to one teacher endpoint: HTTP (httpx) or gRPC (grpcio).
+
+Both send an InferRequest and return an InferResult (or the model list), encoded and decoded
+by `wire`; every failure is an exception of the error table, so the client's retries and
+chunking are written once above them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import grpc
+import httpx
+
+from teacher_server.shared import wire
+from teacher_server.shared.contract import InferRequest, InferResult, ModelList
+from teacher_server.shared.errors import DeadlineExceeded, NotReady, TeacherError, error_from_answer
+
+GRPC_MESSAGE_LIMIT = 1024 * 1024 * 1024
+INFER_METHOD = "/kdserve.v1.Teacher/Infer"
+LIST_MODELS_METHOD = "/kdserve.v1.Teacher/ListModels"
+
+
+class Unreachable(NotReady):
+    """No answer at all from an endpoint (refused, reset, DNS): try another one."""
+
+
+class Connection(Protocol):
+    """One endpoint of a teacher."""
+
+    url: str
+
+    def infer(self, request: InferRequest, timeout_s: float) -> InferResult: ...
+
+    def list_models(self, timeout_s: float) -> ModelList: ...
+
+    def close(self) -> None: ...
+
+
+def open_connection(url: str, token: str | None) -> Connection:
+    """A connection to `http://host:port`, `https://host:port` or `grpc://host:port`."""
+    scheme = urlsplit(url).scheme
+    if scheme in ("http", "https"):
+        return HttpConnection(url, token)
+    if scheme == "grpc":
+        return GrpcConnection(url, token)
+    raise ValueError(f"teacher endpoint must start with http://, https:// or grpc://, got {url!r}")
+
+
+class HttpConnection:
+    """msgpack bodies over HTTP/1.1 with keep-alive."""
+
+    def __init__(self, url: str, token: str | None) -> None:
+        self.url = url.rstrip("/")
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._client = httpx.Client(
+            base_url=self.url,
+            headers=headers,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+        )
+
+    def infer(self, request: InferRequest, timeout_s: float) -> InferResult:
+        with _http_errors(self.url):
+            response = self._client.post(
+                f"/v1/models/{request.model}/infer",
+                content=wire.request_to_msgpack(request),
+                headers={
+                    "content-type": wire.MSGPACK_CONTENT_TYPE,
+                    wire.TIMEOUT_HEADER: f"{timeout_s * 1000:.0f}",
+                },
+                timeout=timeout_s,
+            )
+        return wire.result_from_msgpack(_ok_body(response, self.url))
+
+    def list_models(self, timeout_s: float) -> ModelList:
+        with _http_errors(self.url):
+            response = self._client.get("/v1/models", timeout=timeout_s)
+        return wire.models_from_map(json.loads(_ok_body(response, self.url)))
+
+    def close(self) -> None:
+        self._client.close()
+
+
+@contextlib.contextmanager
+def _http_errors(url: str) -> Iterator[None]:
+    """Turn httpx's connection failures and timeouts into the error table's classes."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise DeadlineExceeded(f"no answer from {url} in time ({type(exc).__name__})") from exc
+    except httpx.TransportError as exc:
+        raise Unreachable(f"cannot reach {url}: {type(exc).__name__}: {exc}") from exc
+
+
+def _ok_body(response: httpx.Response, url: str) -> bytes:
+    """A 200 answer's body; any other answer raises the server's error."""
+    if response.status_code == 200:
+        return response.content
+    retry_ms = response.headers.get(wire.RETRY_AFTER_KEY)
+    try:
+        error = json.loads(response.content)["error"]
+        message, name = str(error["message"]), error.get("name")
+    except (ValueError, KeyError, TypeError):
+        message, name = response.text[:500], None
+    raise error_from_answer(
+        f"{message} (HTTP {response.status_code} from {url})",
+        name=name,
+        http=response.status_code,
+        retry_after_s=float(retry_ms) / 1000.0 if retry_ms else None,
+    )
+
+
+class GrpcConnection:
+    """Protobuf messages over one gRPC channel; `wire` encodes and decodes their bytes."""
+
+    def __init__(self, url: str, token: str | None) -> None:
+        self.url = url
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channel = grpc.insecure_channel(
+            urlsplit(url).netloc,
+            options=[
+                ("grpc.max_send_message_length", GRPC_MESSAGE_LIMIT),
+                ("grpc.max_receive_message_length", GRPC_MESSAGE_LIMIT),
+            ],
+        )
+        # No (de)serializers: the methods take and return the messages' bytes.
+        self._infer = self._channel.unary_unary(INFER_METHOD, None, None)
+        self._list_models = self._channel.unary_unary(LIST_MODELS_METHOD, None, None)
+
+    def infer(self, request: InferRequest, timeout_s: float) -> InferResult:
+        body = self._call(self._infer, wire.request_to_protobuf(request), timeout_s)
+        return wire.result_from_protobuf(body)
+
+    def list_models(self, timeout_s: float) -> ModelList:
+        return wire.models_from_protobuf(self._call(self._list_models, b"", timeout_s))
+
+    def _call(self, method: Any, body: bytes, timeout_s: float) -> bytes:
+        try:
+            answer: bytes = method(body, timeout=timeout_s, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _grpc_error(exc, self.url) from None
+        return answer
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def _grpc_error(exc: grpc.RpcError, url: str) -> TeacherError:
+    call: Any = exc
+    code: grpc.StatusCode = call.code()
+    trailing = dict(call.trailing_metadata() or ())
+    name = trailing.get(wire.ERROR_NAME_KEY)
+    message = f"{call.details() or ''} (gRPC {code.name} from {url})"
+    if name is None and code == grpc.StatusCode.UNAVAILABLE:
+        return Unreachable(f"cannot reach {url}: {message}")
+    retry_ms = trailing.get(wire.RETRY_AFTER_KEY)
+    return error_from_answer(
+        message,
+        name=name,
+        grpc=code.name,
+        retry_after_s=float(retry_ms) / 1000.0 if retry_ms else None,
+    )

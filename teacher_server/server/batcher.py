@@ -1,0 +1,313 @@
+"""Dynamic batching for one model: a bounded queue of images feeding one worker per replica.
+
+Policy: a free replica starts at once when no replica of the model is busy (a lone student
+pays no batching delay) or when the request at the head is already being computed in part;
+while another replica computes, it waits until max_batch_size images are queued or the
+oldest has waited max_delay_ms. Requests queue while a replica computes, so a busy server
+forms full batches on its own. Queued images are shared among idle replicas, so one-thread
+CPU replicas compute even a lone request side by side. Sizes count images, not requests;
+a request larger than a pass is computed in several passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from teacher_server.server.stats import ModelStats
+from teacher_server.shared.contract import Mix
+from teacher_server.shared.errors import (
+    DeadlineExceeded,
+    ModelFailure,
+    NotReady,
+    QueueFull,
+    TeacherError,
+)
+
+log = logging.getLogger(__name__)
+MIN_SPLIT_IMAGES = 8
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's images for one model; `on_done` runs once when it finishes or fails (from any
+    thread), never after `Batcher.cancel`."""
+
+    images: torch.Tensor
+    mix: Mix | None
+    deadline: float
+    on_done: Callable[[Job], None]
+    enqueued_at: float = field(default_factory=time.monotonic)
+    logits: torch.Tensor | None = None
+    error: TeacherError | None = None
+    next_row: int = 0
+    rows_done: int = 0
+    started_at: float | None = None
+    compute_s: float = 0.0
+    batch_sizes: list[int] = field(default_factory=list)
+    finished: bool = False
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[0])
+
+
+Chunk = tuple[Job, int, int]
+
+
+class Runner(Protocol):
+    """One replica as the batcher drives it (`engine.Runner`): fill a batch, run it."""
+
+    def new_batch(self, size: int) -> torch.Tensor: ...
+
+    def prepare(
+        self, images: torch.Tensor, start: int, stop: int, mix: Mix | None, out: torch.Tensor
+    ) -> None: ...
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor: ...
+
+
+class Batcher:
+    """Queue + worker threads of one served model (one thread per replica)."""
+
+    def __init__(
+        self,
+        name: str,
+        runners: Sequence[Runner],
+        *,
+        max_batch_size: int,
+        max_delay_ms: float,
+        max_queue_images: int,
+    ) -> None:
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_ms / 1000.0
+        self.max_queue_images = max_queue_images
+        self.stats = ModelStats(name, pending_images=lambda: self._queued_images)
+        self._runners = list(runners)
+        self._cond = threading.Condition()
+        self._queue: deque[Job] = deque()
+        self._queued_images = 0
+        self._busy = 0
+        self._closed = False
+        self._seconds_per_image = 0.0
+        self._threads = [
+            threading.Thread(
+                target=self._work, args=(runner,), name=f"kdserve-{name}-{i}", daemon=True
+            )
+            for i, runner in enumerate(self._runners)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Enqueue or raise QueueFull (with a retry hint) / NotReady; never blocks."""
+        with self._cond:
+            if self._closed:
+                raise NotReady(f"model {self.name!r} is shutting down")
+            if self._queued_images and self._queued_images + job.size > self.max_queue_images:
+                retry = self._retry_after_s()
+                raise QueueFull(
+                    f"model {self.name!r} has {self._queued_images} images queued "
+                    f"(max_queue_images {self.max_queue_images}); retry in {retry:.2f}s",
+                    retry_after_s=retry,
+                )
+            self._queue.append(job)
+            self._queued_images += job.size
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Forget a job whose caller went away; rows not started are never computed."""
+        with self._cond:
+            if not job.finished:
+                job.finished = True
+                self._unqueue(job)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the workers after their current batch; fail what is still queued with NotReady."""
+        with self._cond:
+            self._closed = True
+            dropped = list(self._queue)
+            self._queue.clear()
+            self._queued_images = 0
+            self._cond.notify_all()
+        for job in dropped:
+            self._fail(job, NotReady(f"model {self.name!r} shut down before this request ran"))
+        for thread in self._threads:
+            thread.join(timeout_s)
+
+    def _retry_after_s(self) -> float:
+        backlog = self._queued_images * self._seconds_per_image / len(self._runners)
+        return min(5.0, max(0.01, backlog))
+
+    def _work(self, runner: Runner) -> None:
+        while True:
+            chunks = self._gather()
+            if chunks is None:
+                return
+            try:
+                self._compute(runner, chunks)
+            except Exception as exc:
+                log.exception("model %r: a pass failed after its forward", self.name)
+                for job, _, _ in chunks:
+                    self._fail(job, ModelFailure(f"model {self.name!r} failed: {exc}"))
+            finally:
+                with self._cond:
+                    self._busy -= 1
+                    self._cond.notify_all()
+
+    def _gather(self) -> list[Chunk] | None:
+        """Block until a batch should start (see the module doc); None once closed."""
+        while True:
+            with self._cond:
+                while True:
+                    now = time.monotonic()
+                    expired = self._pop_expired(now)
+                    if self._closed or expired:
+                        break
+                    if self._queued_images == 0:
+                        self._cond.wait()
+                        continue
+                    head = self._queue[0]
+                    wait = head.enqueued_at + self.max_delay_s - now
+                    if (
+                        self._queued_images >= self.max_batch_size
+                        or self._busy == 0
+                        or head.started_at is not None
+                        or wait <= 0
+                    ):
+                        break
+                    self._cond.wait(wait)
+                chunks = [] if self._closed or expired else self._take(now, self._batch_limit())
+                if chunks:
+                    self._busy += 1
+                if self._queued_images:
+                    self._cond.notify()
+            for job in expired:
+                self._fail(
+                    job,
+                    DeadlineExceeded(
+                        f"request waited {now - job.enqueued_at:.3f}s in model {self.name!r}'s "
+                        "queue, past its deadline; it was not computed"
+                    ),
+                )
+            if chunks:
+                return chunks
+            if self._closed:
+                return None
+
+    def _pop_expired(self, now: float) -> list[Job]:
+        """Jobs whose deadline passed before any of their rows started (those finish)."""
+        expired = [job for job in self._queue if job.deadline <= now and job.started_at is None]
+        for job in expired:
+            self._unqueue(job)
+        return expired
+
+    def _unqueue(self, job: Job) -> None:
+        """Take a job's rows that are not yet handed out off the queue (lock held)."""
+        if job in self._queue:
+            self._queue.remove(job)
+            self._queued_images -= job.size - job.next_row
+
+    def _batch_limit(self) -> int:
+        """Images for this pass: share the queue with idle replicas rather than leave them idle.
+
+        A lone 32-image request on two idle one-thread replicas runs as two passes of 16 side
+        by side; a busy server still fills max_batch_size.
+        """
+        idle = len(self._runners) - self._busy
+        share = max(MIN_SPLIT_IMAGES, math.ceil(self._queued_images / idle))
+        return min(self.max_batch_size, share)
+
+    def _take(self, now: float, limit: int) -> list[Chunk]:
+        chunks: list[Chunk] = []
+        capacity = limit
+        while self._queue and capacity:
+            job = self._queue[0]
+            if job.started_at is None:
+                job.started_at = now
+                self.stats.record_queue(now - job.enqueued_at)
+            take = min(job.size - job.next_row, capacity)
+            chunks.append((job, job.next_row, job.next_row + take))
+            job.next_row += take
+            capacity -= take
+            self._queued_images -= take
+            if job.next_row == job.size:
+                self._queue.popleft()
+        return chunks
+
+    def _compute(self, runner: Runner, chunks: list[Chunk]) -> None:
+        started = time.monotonic()
+        try:
+            batch = runner.new_batch(sum(stop - start for _, start, stop in chunks))
+            offset = 0
+            for job, start, stop in chunks:
+                runner.prepare(
+                    job.images, start, stop, job.mix, batch[offset : offset + stop - start]
+                )
+                offset += stop - start
+            logits = runner.forward(batch)
+        except Exception as exc:
+            if len(chunks) > 1:
+                log.warning(
+                    "model %r failed on a batch of %d requests; retrying each alone: %s",
+                    self.name,
+                    len(chunks),
+                    exc,
+                )
+                for chunk in chunks:
+                    self._compute(runner, [chunk])
+                return
+            log.exception("model %r failed on a request", self.name)
+            self._fail(
+                chunks[0][0],
+                ModelFailure(f"model {self.name!r} failed: {type(exc).__name__}: {exc}"),
+            )
+            return
+        elapsed = time.monotonic() - started
+        batch_size = int(logits.shape[0])
+        self.stats.record_execution(batch_size, elapsed)
+        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / batch_size
+        done: list[Job] = []
+        offset = 0
+        with self._cond:
+            for job, start, stop in chunks:
+                rows = logits[offset : offset + stop - start]
+                offset += stop - start
+                if job.finished:
+                    continue
+                if job.logits is None:
+                    job.logits = torch.empty((job.size, rows.shape[1]), dtype=torch.float32)
+                job.logits[start:stop] = rows
+                job.rows_done += stop - start
+                job.compute_s += elapsed
+                job.batch_sizes.append(batch_size)
+                if job.rows_done == job.size:
+                    job.finished = True
+                    done.append(job)
+        for job in done:
+            self._notify(job)
+
+    def _fail(self, job: Job, error: TeacherError) -> None:
+        with self._cond:
+            if job.finished:
+                return
+            job.finished = True
+            job.error = error
+            self._unqueue(job)
+        self._notify(job)
+
+    def _notify(self, job: Job) -> None:
+        """Hand a finished job to its caller; a failing callback cannot keep the others waiting."""
+        try:
+            job.on_done(job)
+        except Exception:
+            log.exception("model %r: a finished request could not be handed back", self.name)

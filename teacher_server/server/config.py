@@ -1,0 +1,260 @@
+"""Teacher server configuration: pydantic models loaded from YAML, then env, then CLI flags."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from teacher_server.shared.settings import (
+    AUTH_TOKEN_ENV,
+    ConfigError,
+    format_validation_error,
+    read_yaml_mapping,
+)
+from teacher_server.shared.views import IMAGENET_MEAN, IMAGENET_STD
+
+ENV_PREFIX = "KDSERVE_SERVER__"
+
+ModelDtype = Literal["float32", "float16", "bfloat16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    """Where the server listens and how it batches."""
+
+    host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    device: str | list[str] = "cpu"
+    replicas_per_device: int = Field(1, ge=1, le=256)
+    threads_per_replica: int | Literal["auto"] = "auto"
+    max_batch_size: int = Field(256, ge=1)
+    max_delay_ms: float = Field(2.0, ge=0)
+    max_queue_images: int = Field(4096, ge=1)
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    request_timeout_s: float = Field(30.0, gt=0)
+    auth_token: SecretStr | None = None
+
+    @field_validator("device")
+    @classmethod
+    def _check_devices(cls, value: str | list[str]) -> str | list[str]:
+        for device in [value] if isinstance(value, str) else value:
+            if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
+                raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+        if isinstance(value, list) and not value:
+            raise ValueError("device list is empty")
+        return value
+
+    @field_validator("threads_per_replica")
+    @classmethod
+    def _positive_or_auto(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 256:
+            raise ValueError(f"must be 'auto' or an int in [1, 256], got {value}")
+        return value
+
+    @property
+    def devices(self) -> list[str]:
+        return [self.device] if isinstance(self.device, str) else list(self.device)
+
+    def cpu_threads(self) -> int | None:
+        """Intra-op threads per replica; auto shares the cores among the CPU replicas.
+
+        None where no replica runs on the CPU (torch's default is kept).
+        """
+        if self.threads_per_replica != "auto":
+            return self.threads_per_replica
+        cpu_replicas = self.replicas_per_device * self.devices.count("cpu")
+        return max(1, usable_cores() // cpu_replicas) if cpu_replicas else None
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (container limits included where the OS reports them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class ModelConfig(_Strict):
+    """One served network: its architecture by registry name, weights and input contract."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    arch: str = Field(min_length=1)
+    weights: Path | None = None
+    random_init: bool = False
+    num_classes: int = Field(ge=1)
+    input_size: tuple[int, int]
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    dtype: ModelDtype = "float32"
+    channels_last: bool = False
+    compile: bool = False
+
+    @field_validator("input_size", mode="before")
+    @classmethod
+    def _square_size(cls, value: Any) -> Any:
+        return (value, value) if isinstance(value, int) else value
+
+    @field_validator("input_size")
+    @classmethod
+    def _positive_size(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 1:
+            raise ValueError(f"input_size must be positive, got {list(value)}")
+        return value
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(value) <= 0:
+            raise ValueError(f"std must be > 0 per channel, got {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _weights_or_random(self) -> ModelConfig:
+        carries_weights = self.arch.startswith("file:")
+        if self.weights is None and not self.random_init and not carries_weights:
+            raise ValueError(
+                f"model {self.name!r} has no weights; set `weights: path` "
+                "(or `random_init: true`, for tests and benchmarks only)"
+            )
+        if carries_weights and self.random_init:
+            raise ValueError(
+                f"model {self.name!r} is a file archive with its own weights; drop random_init"
+            )
+        if self.weights is not None and self.random_init:
+            raise ValueError(f"model {self.name!r} sets both weights and random_init: true")
+        return self
+
+
+class EnsembleConfig(_Strict):
+    """Several served models answering as one; combined at temperature 1, then tempered."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    members: list[str] = Field(min_length=1)
+    weights: list[float] | None = None
+    combine: Literal["mean_logits", "mean_probs"] = "mean_logits"
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> EnsembleConfig:
+        if self.weights is not None:
+            if len(self.weights) != len(self.members):
+                raise ValueError(
+                    f"ensemble {self.name!r} has {len(self.members)} members but "
+                    f"{len(self.weights)} weights"
+                )
+            if min(self.weights) < 0 or sum(self.weights) <= 0:
+                raise ValueError(
+                    f"ensemble {self.name!r} weights must be >= 0 with a positive sum, "
+                    f"got {self.weights}"
+                )
+        return self
+
+    @property
+    def member_weights(self) -> list[float]:
+        return self.weights if self.weights is not None else [1.0] * len(self.members)
+
+
+class TeacherConfig(_Strict):
+    """The whole teacher server configuration file."""
+
+    server: ServerConfig = ServerConfig()
+    models: list[ModelConfig] = Field(min_length=1)
+    ensembles: list[EnsembleConfig] = []
+
+    @model_validator(mode="after")
+    def _names_resolve(self) -> TeacherConfig:
+        models = {m.name: m for m in self.models}
+        names = [m.name for m in self.models] + [e.name for e in self.ensembles]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"names must be unique across models and ensembles: {duplicates}")
+        compiled = [m.name for m in self.models if m.compile]
+        if compiled and self.server.replicas_per_device > 1:
+            raise ValueError(
+                f"compile: true needs replicas_per_device: 1 (torch.compile is not thread-safe "
+                f"while compiling); compiled models: {compiled}"
+            )
+        for ensemble in self.ensembles:
+            unknown = [m for m in ensemble.members if m not in models]
+            if unknown:
+                raise ValueError(
+                    f"ensemble {ensemble.name!r} names unknown members {unknown}; "
+                    f"models are {sorted(models)}"
+                )
+            classes = {models[m].num_classes for m in ensemble.members}
+            if len(classes) > 1:
+                raise ValueError(
+                    f"ensemble {ensemble.name!r} members disagree on num_classes: {sorted(classes)}"
+                )
+        return self
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """KDSERVE_SERVER__MAX_BATCH_SIZE=64 -> {"max_batch_size": "64"}; plus KDSERVE_AUTH_TOKEN."""
+    overrides: dict[str, Any] = {
+        key[len(ENV_PREFIX) :].lower(): value
+        for key, value in environ.items()
+        if key.startswith(ENV_PREFIX)
+    }
+    if environ.get(AUTH_TOKEN_ENV):
+        overrides.setdefault("auth_token", environ[AUTH_TOKEN_ENV])
+    if "device" in overrides:
+        overrides["device"] = parse_devices(overrides["device"])
+    return overrides
+
+
+def parse_devices(value: str) -> str | list[str]:
+    """`cuda:0,cuda:1` -> a list of devices; a single name stays a string."""
+    return value.split(",") if "," in value else value
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    """Weights paths in a file are relative to that file; `file:` archs too."""
+    for model in raw.get("models") or []:
+        if not isinstance(model, dict):
+            continue
+        weights = model.get("weights")
+        if isinstance(weights, str) and not Path(weights).is_absolute():
+            model["weights"] = str(base / weights)
+        arch = model.get("arch")
+        if isinstance(arch, str) and arch.startswith("file:") and not Path(arch[5:]).is_absolute():
+            model["arch"] = "file:" + str(base / arch[5:])
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    data: Mapping[str, Any] | None = None,
+    server_overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> TeacherConfig:
+    """Read YAML (or `data`), apply KDSERVE_SERVER__* env vars, then CLI overrides, and validate.
+
+    Precedence: CLI flags > environment > file > defaults.
+    """
+    source = str(path) if path is not None else "<dict>"
+    if path is not None:
+        raw = read_yaml_mapping(path)
+        _resolve_paths(raw, Path(path).resolve().parent)
+    else:
+        raw = dict(data or {})
+    server = dict(raw.get("server") or {})
+    server.update(_env_overrides(os.environ if environ is None else environ))
+    server.update({k: v for k, v in (server_overrides or {}).items() if v is not None})
+    raw["server"] = server
+    try:
+        return TeacherConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None

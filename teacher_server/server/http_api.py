@@ -1,0 +1,144 @@
+"""HTTP transport (FastAPI): read the body, decode it (`wire`), call the lifecycle, encode.
+
+Errors answer as JSON `{"error": {"code", "name", "message"}}`: the error table's gRPC code
+name, its stable name, and what was wrong, with the table's HTTP status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections.abc import Awaitable
+from functools import partial
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from teacher_server import __version__
+from teacher_server.server.lifecycle import Lifecycle
+from teacher_server.server.stats import StatsCollector
+from teacher_server.shared import wire
+from teacher_server.shared.errors import InvalidRequest, NotReady, TeacherError, status_of
+
+T = TypeVar("T")
+CLIENT_CLOSED_REQUEST = 499
+MSGPACK_TYPES = frozenset(
+    {wire.MSGPACK_CONTENT_TYPE, "application/x-msgpack", "application/vnd.msgpack"}
+)
+
+
+def error_response(error: TeacherError) -> JSONResponse:
+    """The one mapping from a TeacherError to an HTTP answer."""
+    status = status_of(error)
+    headers = {}
+    if error.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+        headers[wire.RETRY_AFTER_KEY] = str(math.ceil(error.retry_after_s * 1000))
+    body = {"error": {"code": status.grpc, "name": status.name, "message": error.message}}
+    return JSONResponse(body, status_code=status.http, headers=headers)
+
+
+async def read_body(request: Request, lifecycle: Lifecycle) -> bytes:
+    """The request body, refused as soon as it is known to pass max_request_bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit():
+        lifecycle.check_size(int(declared))
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        lifecycle.check_size(size, partial=True)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _timeout_s(request: Request) -> float | None:
+    value = request.headers.get(wire.TIMEOUT_HEADER)
+    if value is None:
+        return None
+    try:
+        timeout_ms = float(value)
+    except ValueError:
+        raise InvalidRequest(
+            f"{wire.TIMEOUT_HEADER} must be a number of milliseconds, got {value!r}"
+        ) from None
+    if not math.isfinite(timeout_ms) or timeout_ms <= 0:
+        raise InvalidRequest(f"{wire.TIMEOUT_HEADER} must be > 0, got {value!r}")
+    return timeout_ms / 1000.0
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Await `work`, or cancel it when the client hangs up first (its queued images are dropped)."""
+    task = asyncio.ensure_future(work)
+    hangup = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, hangup}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hangup.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_http_app(lifecycle: Lifecycle) -> FastAPI:
+    """The FastAPI app of one teacher server."""
+    app = FastAPI(title="kdserve teacher", version=__version__, docs_url="/docs", redoc_url=None)
+    metrics_registry = CollectorRegistry(auto_describe=True)
+    metrics_registry.register(StatsCollector(lifecycle.registry.all_stats))
+
+    @app.exception_handler(TeacherError)
+    async def _teacher_error(_: Request, error: TeacherError) -> JSONResponse:
+        return error_response(error)
+
+    @app.post("/v1/models/{name}/infer")
+    async def infer(name: str, request: Request) -> Response:
+        lifecycle.authorize(request.headers.get("authorization"))
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in MSGPACK_TYPES:
+            raise InvalidRequest(
+                f"content-type must be {wire.MSGPACK_CONTENT_TYPE}, got {content_type or 'none'!r}"
+            )
+        body = await read_body(request, lifecycle)
+        decode = partial(wire.request_from_msgpack, body, path_model=name)
+        answer = lifecycle.infer(decode, timeout_s=_timeout_s(request))
+        result = await _unless_disconnected(request, answer)
+        if result is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return Response(wire.result_to_msgpack(result), media_type=wire.MSGPACK_CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        lifecycle.authorize(request.headers.get("authorization"))
+        return wire.models_to_map(lifecycle.describe())
+
+    @app.get("/v1/stats")
+    async def stats(request: Request) -> dict[str, Any]:
+        lifecycle.authorize(request.headers.get("authorization"))
+        return lifecycle.stats()
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        lifecycle.authorize(request.headers.get("authorization"))
+        return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "live"}
+
+    @app.get("/readyz")
+    async def readyz() -> dict[str, str]:
+        if not lifecycle.registry.ready:
+            raise NotReady("models are still loading or the server is shutting down")
+        return {"status": "ready"}
+
+    return app

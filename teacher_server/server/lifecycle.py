@@ -1,0 +1,232 @@
+"""A request's way through the server, whichever transport carried it.
+
+transport decode -> validate (the contract's checked constructors, run by `wire`) ->
+`Lifecycle.infer`: route to the model or the ensemble's members, queue on their batchers
+and wait -> the batchers' engines preprocess and run the forward -> combine and temper
+(`outputs`) -> the transport encodes the InferResult. Every failure is a TeacherError from
+the one error table; the transports only decode, call this and encode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from teacher_server.server.batcher import Job
+from teacher_server.server.config import TeacherConfig
+from teacher_server.server.outputs import combine_members, finish_outputs
+from teacher_server.server.registry import Registry, Served, ServedEnsemble, ServedModel
+from teacher_server.shared.contract import (
+    InferRequest,
+    InferResult,
+    ModelList,
+    ServerLimits,
+    Timings,
+)
+from teacher_server.shared.errors import (
+    DeadlineExceeded,
+    InvalidRequest,
+    ModelFailure,
+    QueueFull,
+    RequestTooLarge,
+    TeacherError,
+    Unauthenticated,
+)
+
+log = logging.getLogger(__name__)
+OUTCOMES: dict[type[TeacherError], str] = {
+    QueueFull: "queue_full",
+    DeadlineExceeded: "deadline_exceeded",
+    ModelFailure: "failed",
+    InvalidRequest: "invalid",
+}
+"""The `outcome` label a request gets for each error (others: `rejected`)."""
+
+
+class Lifecycle:
+    """What every transport asks of the server: authorize, size limit, infer, describe, stats."""
+
+    def __init__(self, config: TeacherConfig, registry: Registry) -> None:
+        self.config = config
+        self.registry = registry
+        self.max_request_bytes = config.server.max_request_bytes
+        token = config.server.auth_token
+        self._token = None if token is None else token.get_secret_value().encode()
+
+    def authorize(self, authorization: str | None) -> None:
+        """Check an `Authorization: Bearer <token>` value when the server has a token."""
+        if self._token is None:
+            return
+        if not authorization:
+            raise Unauthenticated("missing token: send `authorization: Bearer <token>`")
+        scheme, _, presented = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            presented.strip().encode(), self._token
+        ):
+            raise Unauthenticated("wrong token in `authorization` (expected `Bearer <token>`)")
+
+    def check_size(self, size: int, *, partial: bool = False) -> None:
+        """Refuse a body of `size` bytes (`partial`: read so far) over max_request_bytes."""
+        if size > self.max_request_bytes:
+            raise RequestTooLarge(
+                f"body of {'at least ' if partial else ''}{size} bytes is over the limit of "
+                f"{self.max_request_bytes} bytes (max_request_bytes)"
+            )
+
+    async def infer(
+        self, decode: Callable[[], InferRequest], *, timeout_s: float | None = None
+    ) -> InferResult:
+        """Decode and validate a request, queue it on every member model, wait, combine, temper.
+
+        `decode` is the transport's decoder bound to the body, so a request that fails
+        validation is counted against the model it named. An unexpected exception becomes a
+        500 / INTERNAL TeacherError.
+        """
+        try:
+            return await self._answer(decode, timeout_s)
+        except (TeacherError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            log.exception("unexpected error while answering a request")
+            raise TeacherError(f"internal error: {type(exc).__name__}: {exc}") from exc
+
+    async def _answer(
+        self, decode: Callable[[], InferRequest], timeout_s: float | None
+    ) -> InferResult:
+        received = time.monotonic()
+        try:
+            request = decode()
+        except InvalidRequest as error:
+            self.registry.record_invalid(error.model)
+            raise
+        target = self.registry.get(request.model)
+        try:
+            result = await self._infer(target, request, received, timeout_s)
+        except TeacherError as error:
+            target.stats.record_outcome(OUTCOMES.get(type(error), "rejected"))
+            raise
+        except asyncio.CancelledError:
+            target.stats.record_outcome("cancelled")
+            raise
+        target.stats.record_outcome("ok", images=int(request.images.shape[0]))
+        return result
+
+    async def _infer(
+        self, target: Served, request: InferRequest, received: float, timeout_s: float | None
+    ) -> InferResult:
+        if request.top_k is not None and request.top_k > target.num_classes:
+            raise InvalidRequest(
+                f"top_k must be <= num_classes ({target.num_classes}), got {request.top_k}"
+            )
+        jobs = await self._wait_for_members(target, request, received, timeout_s)
+        member_logits = []
+        for job in jobs:
+            if job.error is not None:
+                raise job.error
+            if job.logits is None:
+                raise TeacherError(
+                    f"internal error: a finished job of {target.name!r} has no logits"
+                )
+            member_logits.append(job.logits)
+        if isinstance(target, ServedEnsemble):
+            raw = combine_members(member_logits, target.member_weights, target.config.combine)
+        else:
+            raw = member_logits[0]
+        outputs = finish_outputs(
+            raw,
+            temperature=request.temperature,
+            output=request.output,
+            output_dtype=request.output_dtype,
+            top_k=request.top_k,
+        )
+        return InferResult(
+            model=target.name,
+            request_id=request.request_id,
+            logits=outputs.full,
+            top_k_values=outputs.top_k_values,
+            top_k_indices=outputs.top_k_indices,
+            timings=_timings(jobs, received),
+        )
+
+    async def _wait_for_members(
+        self, target: Served, request: InferRequest, received: float, timeout_s: float | None
+    ) -> list[Job]:
+        """Queue the request's images on every member's batcher; their jobs once all are done.
+
+        If the caller goes away (cancellation) the jobs are taken off the queues, so rows not
+        started are never computed.
+        """
+        limit = self.config.server.request_timeout_s
+        if timeout_s is not None and math.isfinite(timeout_s):
+            limit = min(limit, timeout_s)
+        loop = asyncio.get_running_loop()
+        submitted: list[tuple[Job, ServedModel]] = []
+        futures: list[asyncio.Future[Job]] = []
+        try:
+            for member in target.members:
+                future: asyncio.Future[Job] = loop.create_future()
+                job = Job(
+                    request.images,
+                    request.mix,
+                    received + limit,
+                    _resolver(loop, future),
+                    enqueued_at=received,
+                )
+                member.batcher.submit(job)
+                submitted.append((job, member))
+                futures.append(future)
+            return list(await asyncio.gather(*futures))
+        except BaseException:
+            for job, member in submitted:
+                member.batcher.cancel(job)
+            raise
+
+    def describe(self) -> ModelList:
+        """Models plus the limits a client needs (e.g. to split big batches)."""
+        server = self.config.server
+        return ModelList(
+            models=self.registry.describe(),
+            limits=ServerLimits(
+                max_request_bytes=server.max_request_bytes,
+                max_batch_size=server.max_batch_size,
+                max_queue_images=server.max_queue_images,
+            ),
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """`GET /v1/stats`: readiness and every model's counters."""
+        return {
+            "ready": self.registry.ready,
+            "models": {s.name: s.snapshot() for s in self.registry.all_stats()},
+        }
+
+
+def _resolver(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future[Job]
+) -> Callable[[Job], None]:
+    """Called by a batcher thread when a job is done; hands the job back to the event loop."""
+
+    def on_done(job: Job) -> None:
+        loop.call_soon_threadsafe(_settle, future, job)
+
+    return on_done
+
+
+def _settle(future: asyncio.Future[Job], job: Job) -> None:
+    if not future.done():
+        future.set_result(job)
+
+
+def _timings(jobs: list[Job], received: float) -> Timings:
+    started = min((j.started_at for j in jobs if j.started_at is not None), default=received)
+    return Timings(
+        queue_ms=(started - received) * 1000.0,
+        compute_ms=max(j.compute_s for j in jobs) * 1000.0,
+        total_ms=(time.monotonic() - received) * 1000.0,
+        batch_sizes=tuple(size for j in jobs for size in j.batch_sizes),
+    )

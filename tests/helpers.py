@@ -1,0 +1,224 @@
+"""Helpers the test modules share: seeded images and teachers, the reference view, raw requests.
+
+Fixtures that use them (the teachers, the shared servers) are in conftest.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import msgpack
+import torch
+
+from teacher_server.server.config import load_config
+from teacher_server.server.serve import ServerThread
+from teacher_server.shared._proto import teacher_pb2 as pb
+from teacher_server.shared.archs import create_model
+from teacher_server.shared.weights import save_weights
+
+TOKEN = "s3cret-token"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+GRPC_AUTH = (("authorization", f"Bearer {TOKEN}"),)
+SLOW_BATCH = 4
+CIFAR_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR_STD = (0.2673, 0.2564, 0.2762)
+INFER_METHOD = "/kdserve.v1.Teacher/Infer"
+
+
+def random_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """n seeded uint8 images (n, 3, size, size)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
+
+
+def make_weights(path: Path, arch: str, num_classes: int, seed: int) -> torch.nn.Module:
+    """A seeded model with non-trivial BatchNorm statistics, saved as safetensors at `path`."""
+    torch.manual_seed(seed)
+    model = create_model(arch, num_classes=num_classes)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(16, 3, 32, 32))
+    model.eval()
+    save_weights(model, path)
+    return model
+
+
+def reference_view(
+    images: torch.Tensor,
+    size: tuple[int, int],
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    mix: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """The student's float view written out with plain torch ops, independent of the server code."""
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    if mix is not None:
+        partners = x[torch.tensor(mix["perm"])]
+        if mix["mode"] == "mixup":
+            x = mix["lam"] * x + (1 - mix["lam"]) * partners
+        else:
+            y0, x0, y1, x1 = mix["box"]
+            x = x.clone()
+            x[:, :, y0:y1, x0:x1] = partners[:, :, y0:y1, x0:x1]
+    if tuple(x.shape[-2:]) != size:
+        x = torch.nn.functional.interpolate(
+            x, size=size, mode="bilinear", antialias=True, align_corners=False
+        )
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def in_process(
+    teacher: dict[str, Any], images: torch.Tensor, mix: dict[str, Any] | None = None
+) -> torch.Tensor:
+    """The teacher's logits computed here, on the reference view (what a served answer must be)."""
+    view = reference_view(images, teacher["size"], teacher["mean"], teacher["std"], mix)
+    with torch.no_grad():
+        return teacher["module"](view)  # type: ignore[no-any-return]
+
+
+def teacher_config(teachers: dict[str, Any], **server: Any) -> dict[str, Any]:
+    """A server config of the two test teachers and two ensembles of them, on free ports."""
+    root = teachers["root"]
+    return {
+        "server": {
+            "http_port": 0,
+            "grpc_port": 0,
+            "max_batch_size": 64,
+            "max_delay_ms": 5,
+            **server,
+        },
+        "models": [
+            {
+                "name": "small",
+                "arch": "kdserve:resnet8",
+                "weights": str(root / "small.safetensors"),
+                "num_classes": 10,
+                "input_size": 32,
+                "mean": list(CIFAR_MEAN),
+                "std": list(CIFAR_STD),
+            },
+            {
+                "name": "wide",
+                "arch": "kdserve:wrn_16_1",
+                "weights": str(root / "wide.safetensors"),
+                "num_classes": 10,
+                "input_size": [40, 40],
+                "mean": [0.5, 0.5, 0.5],
+                "std": [0.25, 0.25, 0.25],
+            },
+        ],
+        "ensembles": [
+            {
+                "name": "pair_logits",
+                "members": ["small", "wide"],
+                "weights": [1.0, 3.0],
+                "combine": "mean_logits",
+            },
+            {"name": "pair_probs", "members": ["small", "wide"], "combine": "mean_probs"},
+        ],
+    }
+
+
+@contextlib.contextmanager
+def running_server(
+    raw_config: dict[str, Any], *, wait_ready: bool = True
+) -> Iterator[ServerThread]:
+    """A teacher server from a config dict, in a background thread, stopped on exit."""
+    with ServerThread(load_config(data=raw_config, environ={}), wait_ready=wait_ready) as server:
+        yield server
+
+
+def model_stats(server: ServerThread) -> dict[str, Any]:
+    """Per-model stats of a server (sends the strict server's token; others ignore it)."""
+    response = httpx.get(f"{server.endpoints.http_url}/v1/stats", headers=AUTH)
+    return response.json()["models"]  # type: ignore[no-any-return]
+
+
+def tensor_map(tensor: torch.Tensor) -> dict[str, Any]:
+    """A tensor as the wire's map of dtype, shape and raw bytes."""
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    data = tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+    return {"dtype": dtype, "shape": list(tensor.shape), "data": data}
+
+
+def post(
+    server: ServerThread,
+    fields: Any,
+    *,
+    model: str = "small",
+    headers: dict[str, str] | None = None,
+    raw: bytes | None = None,
+    timeout: float = 30,
+) -> httpx.Response:
+    """A raw HTTP infer call with a msgpack body made of `fields` (or the `raw` bytes)."""
+    body = raw if raw is not None else msgpack.packb(fields, use_bin_type=True)
+    all_headers = {"content-type": "application/msgpack", **AUTH, **(headers or {})}
+    return httpx.post(
+        f"{server.endpoints.http_url}/v1/models/{model}/infer",
+        content=body,
+        headers=all_headers,
+        timeout=timeout,
+    )
+
+
+def protobuf_request(fields: dict[str, Any]) -> bytes:
+    """The protobuf InferRequest holding the same fields as a msgpack request map."""
+    message = pb.InferRequest()
+    for name, value in fields.items():
+        if name == "images":
+            message.images.CopyFrom(pb.Tensor(**value))
+        elif name == "mix":
+            message.mix.CopyFrom(pb.Mix(**value))
+        elif value is not None:
+            setattr(message, name, value)
+    return message.SerializeToString()
+
+
+def grpc_call(
+    server: ServerThread,
+    fields: dict[str, Any] | None = None,
+    *,
+    raw: bytes | None = None,
+    metadata: Any = GRPC_AUTH,
+    timeout: float = 30,
+) -> grpc.RpcError | None:
+    """A raw gRPC Infer call of `fields` (or the `raw` message bytes): its error, None if OK."""
+    body = raw if raw is not None else protobuf_request(fields or {})
+    with grpc.insecure_channel(f"127.0.0.1:{server.endpoints.grpc_port}") as channel:
+        infer = channel.unary_unary(INFER_METHOD, None, None)
+        try:
+            infer(body, metadata=metadata, timeout=timeout)
+        except grpc.RpcError as exc:
+            return exc
+    return None
+
+
+def grpc_status(server: ServerThread, fields: dict[str, Any], **options: Any) -> grpc.StatusCode:
+    """The status code of a raw gRPC Infer call (OK when it answered)."""
+    error = grpc_call(server, fields, **options)
+    return grpc.StatusCode.OK if error is None else error.code()  # type: ignore[attr-defined]
+
+
+def occupy_slow_model(server: ServerThread, images: int) -> threading.Thread:
+    """Queue one big request on the strict server's slow model (images / SLOW_BATCH passes)."""
+    fields = {
+        "model": "slow",
+        "images": tensor_map(torch.zeros(images, 3, 8, 8, dtype=torch.uint8)),
+    }
+    thread = threading.Thread(
+        target=post, args=(server, fields), kwargs={"model": "slow", "timeout": 60}
+    )
+    thread.start()
+    deadline = time.monotonic() + 10
+    while model_stats(server)["slow"]["pending_images"] == 0:
+        assert time.monotonic() < deadline, "the slow model never queued the request"
+        time.sleep(0.005)
+    return thread

@@ -1,0 +1,333 @@
+"""The batcher's policy, driven directly with fake CPU replicas: no server, no model."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import pytest
+import torch
+
+from teacher_server.server.batcher import Batcher, Job
+from teacher_server.shared.contract import Mix
+from teacher_server.shared.errors import DeadlineExceeded, ModelFailure, NotReady, QueueFull
+from teacher_server.shared.views import apply_mix, mix_views
+
+TIMEOUT_S = 5.0
+"""Safety net of every wait: a handshake that does not happen within it is a failure."""
+IMAGE_SHAPE = (3, 4, 4)
+
+
+class FakeRunner:
+    """A CPU replica whose logits are its views' pixels; it can hold a pass or fail on a value."""
+
+    def __init__(self, poison: float | None = None) -> None:
+        self.poison = poison
+        self.release = threading.Event()
+        self.release.set()
+        self.entered = threading.Event()
+        self.prepared: list[float] = []
+        self.passes: list[list[float]] = []
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(ids) for ids in self.passes]
+
+    def hold(self) -> None:
+        """Make the next passes block in `forward` until `release` is set."""
+        self.release.clear()
+        self.entered.clear()
+
+    def new_batch(self, size: int) -> torch.Tensor:
+        return torch.full((size, *IMAGE_SHAPE), float("nan"))
+
+    def prepare(
+        self, images: torch.Tensor, start: int, stop: int, mix: Mix | None, out: torch.Tensor
+    ) -> None:
+        views = images[start:stop].float()
+        self.prepared.extend(views[:, 0, 0, 0].tolist())
+        if mix is not None:
+            partners = images.index_select(0, torch.tensor(mix.perm[start:stop])).float()
+            views = apply_mix(views, partners, mix)
+        out.copy_(views)
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        ids = views[:, 0, 0, 0].tolist()
+        self.passes.append(ids)
+        self.entered.set()
+        assert self.release.wait(TIMEOUT_S), "the test never released this replica"
+        if self.poison in ids:
+            raise RuntimeError(f"poisoned image {self.poison}")
+        return views.flatten(1).clone()
+
+
+class Finished:
+    """The jobs whose `on_done` ran, in order; `wait` blocks until the given ones are there."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.jobs: list[Job] = []
+
+    def __call__(self, job: Job) -> None:
+        with self._cond:
+            self.jobs.append(job)
+            self._cond.notify_all()
+
+    def wait(self, *jobs: Job) -> None:
+        with self._cond:
+            done = self._cond.wait_for(lambda: all(job in self.jobs for job in jobs), TIMEOUT_S)
+        assert done, f"{sum(job not in self.jobs for job in jobs)} of {len(jobs)} jobs never done"
+        assert all(self.jobs.count(job) == 1 for job in jobs), "on_done ran twice for a job"
+
+    def job(self, images: torch.Tensor, mix: Mix | None = None, deadline_s: float = 60.0) -> Job:
+        """A job due `deadline_s` from now (negative: already past) that reports here."""
+        return Job(images, mix, time.monotonic() + deadline_s, self)
+
+
+def request(first_id: int, count: int) -> torch.Tensor:
+    """`count` images whose pixels all hold their id: first_id, first_id + 1, ..."""
+    ids = torch.arange(first_id, first_id + count, dtype=torch.float32)
+    return ids.view(-1, 1, 1, 1).expand(-1, *IMAGE_SHAPE).contiguous()
+
+
+def assert_answered(job: Job) -> None:
+    """The job succeeded and each of its logits rows is its own image."""
+    assert job.error is None
+    assert job.logits is not None
+    torch.testing.assert_close(job.logits, job.images.float().flatten(1), rtol=0, atol=0)
+
+
+@pytest.fixture
+def finished() -> Finished:
+    return Finished()
+
+
+@pytest.fixture
+def make_batcher():
+    """Build batchers over fake runners; at the end release every runner and close them."""
+    made: list[tuple[Batcher, list[FakeRunner]]] = []
+
+    def make(*runners: FakeRunner, max_batch_size=8, max_delay_ms=60_000, max_queue_images=1024):
+        batcher = Batcher(
+            "fake",
+            runners,
+            max_batch_size=max_batch_size,
+            max_delay_ms=max_delay_ms,
+            max_queue_images=max_queue_images,
+        )
+        made.append((batcher, list(runners)))
+        return batcher
+
+    yield make
+    for batcher, runners in made:
+        for runner in runners:
+            runner.release.set()
+        batcher.close(timeout_s=TIMEOUT_S)
+
+
+def start_held(batcher: Batcher, runner: FakeRunner, finished: Finished) -> Job:
+    """Submit a one-image job (id 0) and return once `runner` is blocked computing it."""
+    runner.hold()
+    job = finished.job(request(0, 1))
+    batcher.submit(job)
+    assert runner.entered.wait(TIMEOUT_S), "the replica never started the blocking job"
+    return job
+
+
+def test_sizes_count_images_and_requests_split_across_passes(make_batcher, finished):
+    runner = FakeRunner()
+    batcher = make_batcher(runner, max_batch_size=8)
+    blocker = start_held(batcher, runner, finished)
+    jobs = [
+        finished.job(request(first_id, count)) for first_id, count in ((100, 3), (200, 6), (300, 8))
+    ]
+    for job in jobs:
+        batcher.submit(job)
+    runner.release.set()
+    finished.wait(blocker, *jobs)
+
+    assert runner.passes == [
+        [0.0],
+        [100.0, 101.0, 102.0, 200.0, 201.0, 202.0, 203.0, 204.0],
+        [205.0, 300.0, 301.0, 302.0, 303.0, 304.0, 305.0, 306.0],
+        [307.0],
+    ]
+    for job in (blocker, *jobs):
+        assert_answered(job)
+    assert [job.batch_sizes for job in jobs] == [[8], [8, 8], [8, 1]]
+    snapshot = batcher.stats.snapshot()
+    assert snapshot["executions"] == 4
+    assert snapshot["executed_images"] == 18
+    assert snapshot["max_batch_size"] == 8
+    assert batcher.stats.batch_sizes == Counter({1: 2, 8: 2})
+    assert snapshot["pending_images"] == 0
+
+
+def test_idle_replica_starts_a_lone_request_without_waiting_the_delay(make_batcher, finished):
+    runner = FakeRunner()
+    batcher = make_batcher(runner, max_batch_size=64, max_delay_ms=60_000)
+    job = finished.job(request(10, 3))
+    batcher.submit(job)
+    finished.wait(job)
+    assert_answered(job)
+    assert runner.sizes == [3]
+    assert job.batch_sizes == [3]
+
+
+def test_requests_queued_behind_a_busy_replica_are_gathered_into_one_pass(make_batcher, finished):
+    runner = FakeRunner()
+    batcher = make_batcher(runner, max_batch_size=64, max_delay_ms=60_000)
+    blocker = start_held(batcher, runner, finished)
+    second, third = finished.job(request(10, 2)), finished.job(request(20, 3))
+    batcher.submit(second)
+    batcher.submit(third)
+    runner.release.set()
+    finished.wait(blocker, second, third)
+
+    assert runner.passes == [[0.0], [10.0, 11.0, 20.0, 21.0, 22.0]]
+    for job in (blocker, second, third):
+        assert_answered(job)
+    assert second.batch_sizes == third.batch_sizes == [5]
+
+
+def test_expired_requests_are_dropped_without_being_computed(make_batcher, finished):
+    runner = FakeRunner()
+    batcher = make_batcher(runner)
+    blocker = start_held(batcher, runner, finished)
+    expired = finished.job(request(10, 2), deadline_s=-1.0)
+    on_time = finished.job(request(20, 2))
+    batcher.submit(expired)
+    batcher.submit(on_time)
+    runner.release.set()
+    finished.wait(blocker, expired, on_time)
+
+    assert isinstance(expired.error, DeadlineExceeded)
+    assert "not computed" in expired.error.message
+    assert expired.logits is None
+    assert runner.prepared == [0.0, 20.0, 21.0]
+    assert runner.passes == [[0.0], [20.0, 21.0]]
+    assert_answered(blocker)
+    assert_answered(on_time)
+
+
+def test_failed_batch_is_retried_one_request_at_a_time(make_batcher, finished):
+    runner = FakeRunner(poison=21.0)
+    batcher = make_batcher(runner)
+    blocker = start_held(batcher, runner, finished)
+    good, poisoned = finished.job(request(10, 2)), finished.job(request(20, 2))
+    batcher.submit(good)
+    batcher.submit(poisoned)
+    runner.release.set()
+    finished.wait(blocker, good, poisoned)
+
+    assert runner.passes == [[0.0], [10.0, 11.0, 20.0, 21.0], [10.0, 11.0], [20.0, 21.0]]
+    assert_answered(good)
+    assert good.batch_sizes == [2]
+    assert isinstance(poisoned.error, ModelFailure)
+    assert "poisoned image 21.0" in poisoned.error.message
+    assert poisoned.logits is None
+    assert batcher.stats.batch_sizes == Counter({1: 1, 2: 1})
+
+
+def test_submit_over_max_queue_images_raises_queue_full(make_batcher, finished):
+    runner = FakeRunner()
+    batcher = make_batcher(runner, max_queue_images=4)
+    start_held(batcher, runner, finished)
+    batcher.submit(finished.job(request(10, 3)))
+
+    with pytest.raises(QueueFull) as refused:
+        batcher.submit(finished.job(request(20, 2)))
+    assert refused.value.retry_after_s is not None
+    assert 0 < refused.value.retry_after_s <= 5.0
+    assert "3 images queued" in refused.value.message
+    batcher.submit(finished.job(request(30, 1)))
+    assert batcher.stats.snapshot()["pending_images"] == 4
+
+
+def test_close_fails_queued_jobs_with_not_ready_and_finishes_the_current_pass(
+    make_batcher, finished
+):
+    runner = FakeRunner()
+    batcher = make_batcher(runner)
+    blocker = start_held(batcher, runner, finished)
+    queued = [finished.job(request(10, 2)), finished.job(request(20, 1))]
+    for job in queued:
+        batcher.submit(job)
+
+    closing = threading.Thread(target=batcher.close, kwargs={"timeout_s": TIMEOUT_S})
+    closing.start()
+    finished.wait(*queued)
+    runner.release.set()
+    closing.join(TIMEOUT_S)
+    assert not closing.is_alive()
+
+    for job in queued:
+        assert isinstance(job.error, NotReady)
+        assert job.logits is None
+    assert_answered(blocker)
+    assert runner.prepared == [0.0]
+    with pytest.raises(NotReady):
+        batcher.submit(finished.job(request(30, 1)))
+
+
+def test_idle_replicas_share_a_lone_request(make_batcher, finished):
+    runners = FakeRunner(), FakeRunner()
+    for runner in runners:
+        runner.hold()
+    batcher = make_batcher(*runners, max_batch_size=64)
+    job = finished.job(request(100, 32))
+    batcher.submit(job)
+    for runner in runners:
+        assert runner.entered.wait(TIMEOUT_S), "a replica stayed idle beside a lone request"
+    for runner in runners:
+        runner.release.set()
+    finished.wait(job)
+
+    assert [runner.sizes for runner in runners] == [[16], [16]]
+    prepared = sorted(image_id for runner in runners for image_id in runner.prepared)
+    assert prepared == [float(image_id) for image_id in range(100, 132)]
+    assert_answered(job)
+    assert job.batch_sizes == [16, 16]
+
+
+@pytest.mark.parametrize(
+    "mix",
+    [
+        Mix("mixup", tuple(range(11, -1, -1)), lam=0.3),
+        Mix.cutmix((5, 9, 0, 11, 2, 7, 1, 10, 3, 6, 8, 4), (1, 0, 3, 2), height=4, width=4),
+    ],
+    ids=["mixup", "cutmix"],
+)
+def test_request_split_across_passes_is_mixed_as_a_whole(make_batcher, finished, mix):
+    runner = FakeRunner()
+    batcher = make_batcher(runner, max_batch_size=8)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (12, *IMAGE_SHAPE), dtype=torch.uint8, generator=generator)
+    job = finished.job(images, mix)
+    batcher.submit(job)
+    finished.wait(job)
+
+    assert runner.sizes == [8, 4]
+    assert job.error is None
+    expected = mix_views(images.float(), mix).flatten(1)
+    torch.testing.assert_close(job.logits, expected, rtol=0, atol=0)
+
+
+def test_a_failing_callback_keeps_no_other_caller_waiting(make_batcher, finished):
+    """One caller's on_done raising (its event loop closed, say) is logged; the rest are told."""
+    runner = FakeRunner()
+    batcher = make_batcher(runner, max_batch_size=64)
+    blocker = start_held(batcher, runner, finished)
+
+    def broken(job: Job) -> None:
+        raise RuntimeError("Event loop is closed")
+
+    first = Job(request(10, 2), None, time.monotonic() + 60, broken)
+    second = finished.job(request(20, 2))
+    batcher.submit(first)
+    batcher.submit(second)
+    runner.release.set()
+    finished.wait(blocker, second)
+    assert runner.passes[1] == [10.0, 11.0, 20.0, 21.0]
+    assert_answered(second)

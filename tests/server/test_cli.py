@@ -1,0 +1,142 @@
+"""`kdserve-teacher` as a user runs it: a real process, ports from a port file, clean shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+import yaml
+
+from teacher_server.client import RetryPolicy, TeacherClient
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def write_config(tmp_path: Path, teachers: dict[str, Any], **model: Any) -> Path:
+    config = {
+        "server": {"max_batch_size": 32},
+        "models": [
+            {
+                "name": "small",
+                "arch": "kdserve:resnet8",
+                "weights": "small.safetensors",
+                "num_classes": 10,
+                "input_size": 32,
+                **model,
+            }
+        ],
+    }
+    (tmp_path / "small.safetensors").write_bytes(
+        (teachers["root"] / "small.safetensors").read_bytes()
+    )
+    path = tmp_path / "teacher.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def wait_for_port_file(
+    path: Path, process: subprocess.Popen[str], timeout_s: float = 60
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline, "server did not start listening"
+        time.sleep(0.05)
+    return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+
+def is_listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.parametrize("command", [["kdserve-teacher"], ["python", "-m", "teacher_server"]])
+def test_serves_until_sigterm_then_frees_its_ports(
+    tmp_path: Path, teachers: dict[str, Any], command: list[str]
+) -> None:
+    config = write_config(tmp_path, teachers)
+    port_file = tmp_path / "ports.json"
+    executable = [str(BIN / command[0]), *command[1:]]
+    process = subprocess.Popen(
+        [
+            *executable,
+            "--config",
+            str(config),
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--max-batch-size",
+            "8",
+            "--port-file",
+            str(port_file),
+        ],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        ports = wait_for_port_file(port_file, process)
+        with TeacherClient.connect(
+            ports["grpc_url"], model="small", retry=RetryPolicy(attempts=200)
+        ) as client:
+            logits = client.infer(torch.zeros(3, 3, 32, 32, dtype=torch.uint8))
+        assert logits.shape == (3, 10)
+        assert httpx.get(f"{ports['http_url']}/readyz").status_code == 200
+        assert httpx.get(f"{ports['http_url']}/v1/models").json()["limits"]["max_batch_size"] == 8
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr
+    assert "stopping" in stderr
+    assert not is_listening(ports["http_port"]) and not is_listening(ports["grpc_port"])
+
+
+def test_bad_config_exits_2_naming_the_field(tmp_path: Path, teachers: dict[str, Any]) -> None:
+    config = write_config(tmp_path, teachers, num_classes=0)
+    result = subprocess.run(
+        [str(BIN / "kdserve-teacher"), "--config", str(config)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "models.0.num_classes" in result.stderr and "got 0" in result.stderr
+
+
+def test_weights_that_do_not_fit_stop_the_server(tmp_path: Path, teachers: dict[str, Any]) -> None:
+    config = write_config(tmp_path, teachers, arch="kdserve:resnet14")
+    result = subprocess.run(
+        [
+            str(BIN / "kdserve-teacher"),
+            "--config",
+            str(config),
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "does not fit the model" in result.stderr and "small.safetensors" in result.stderr

@@ -56,12 +56,14 @@ class RunLog:
         return records
 
     def forget_after(self, step: int) -> None:
-        """Drop the records of steps after `step` (a killed run's, trained again on resume)."""
+        """Drop the records of steps after `step` (a killed run's, trained again on resume),
+        and a line a killed run left half-written, so the next record starts a line of its own."""
         if not self.path.is_file():
             return
         records = self.records()
         kept = [record for record in records if record["step"] <= step]
-        if len(kept) < len(records):
+        torn = not self.path.read_bytes().endswith(b"\n") and self.path.stat().st_size > 0
+        if len(kept) < len(records) or torn:
             tmp = self.path.with_name(f".{METRICS_FILE}.tmp")
             tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
             tmp.replace(self.path)

@@ -1,8 +1,9 @@
 """The student's teacher: a served model (or ensemble) checked against the data, asked per step.
 
 Each step's view goes to the teacher once and comes back as raw logits (temperature 1; each
-loss applies its own). The client waits out a teacher that is restarting or unreachable
-(`RetryPolicy.patient()`): training pauses with a log line and no batch is ever skipped.
+loss applies its own). At start-up a wrong endpoint or model fails the run after the client's
+usual retries; from then on the client waits out a teacher that is restarting, unreachable or
+overloaded (`RetryPolicy.patient()`): training pauses with a log line and no batch is skipped.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import torch
 from student_worker.config import TeacherSettings
 from teacher_server.client import RetryPolicy, TeacherClient
 from teacher_server.shared.contract import Mix
+from teacher_server.shared.errors import TeacherError
 
 
-class TeacherMismatch(ValueError):
-    """The teacher cannot teach this run: not served there, or other classes than the data."""
+class NoTeacher(ValueError):
+    """The run has no usable teacher: unreachable, not served there, or other classes."""
 
 
 class Teacher(Protocol):
@@ -54,25 +56,28 @@ class TeacherRequests:
 def connect_teacher(
     settings: TeacherSettings, *, num_classes: int, data_name: str, run_name: str
 ) -> tuple[TeacherRequests, tuple[int, int]]:
-    """The teacher named in `settings` and its input size; TeacherMismatch if it cannot teach."""
+    """The teacher named in `settings` and its input size; NoTeacher if it cannot teach."""
     token = settings.token.get_secret_value() if settings.token else None
-    client = TeacherClient.connect(
-        settings.endpoints, token=token, timeout_s=settings.timeout_s, retry=RetryPolicy.patient()
-    )
-    served = {m.name: m for m in client.list_models()}
+    client = TeacherClient.connect(settings.endpoints, token=token, timeout_s=settings.timeout_s)
+    try:
+        served = {m.name: m for m in client.list_models()}
+    except TeacherError as error:
+        client.close()
+        raise NoTeacher(f"cannot ask {settings.endpoints} for their models: {error}") from error
     name = settings.model or (next(iter(served)) if len(served) == 1 else None)
     if name not in served:
         client.close()
-        raise TeacherMismatch(
+        raise NoTeacher(
             f"teacher model {name!r} is not served at {settings.endpoints}; "
             f"available: {sorted(served)}"
         )
     info = served[name]
     if info.num_classes != num_classes:
         client.close()
-        raise TeacherMismatch(
+        raise NoTeacher(
             f"the teacher {name!r} has {info.num_classes} classes but the data set "
             f"{data_name!r} has {num_classes}"
         )
+    client.retry = RetryPolicy.patient()
     run_id = f"{run_name}-{uuid.uuid4().hex[:8]}"
     return TeacherRequests(client, name, run_id=run_id), info.input_size

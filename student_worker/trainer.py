@@ -40,7 +40,7 @@ from student_worker.models import TwoHeads, has_two_heads
 from student_worker.optim import build_optimizer, lr_factor
 from student_worker.prefetch import Prefetcher
 from student_worker.runlog import RunLog
-from student_worker.teacher import Teacher, TeacherMismatch, TeacherRequests, connect_teacher
+from student_worker.teacher import NoTeacher, Teacher, TeacherRequests, connect_teacher
 from teacher_server.shared.archs import create_model
 from teacher_server.shared.contract import Mix
 from teacher_server.shared.weights import load_weights
@@ -128,7 +128,7 @@ class Trainer:
                     data_name=self.info.name,
                     run_name=f"{config.output_dir.name}-{self.world.rank}",
                 )
-            except TeacherMismatch as exc:
+            except NoTeacher as exc:
                 raise TrainingError(str(exc)) from None
             self.teacher = self._connection
             # FunMatch: the view is cut at the larger resolution and resized for each model.

@@ -6,6 +6,7 @@ Fixtures that use them (the teachers, the shared servers) are in conftest.py.
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +31,14 @@ SLOW_BATCH = 4
 CIFAR_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR_STD = (0.2673, 0.2564, 0.2762)
 INFER_METHOD = "/kdserve.v1.Teacher/Infer"
+
+
+@contextlib.contextmanager
+def refusing_port() -> Iterator[int]:
+    """A loopback port held bound but not listening: every connection to it is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
 
 
 def random_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:

@@ -29,6 +29,10 @@ class Unreachable(NotReady):
     """No answer at all from an endpoint (refused, reset, DNS): try another one."""
 
 
+class TimedOut(DeadlineExceeded):
+    """This client stopped waiting for an answer (the server's own 504 is DeadlineExceeded)."""
+
+
 class Connection(Protocol):
     """One endpoint of a teacher."""
 
@@ -91,7 +95,7 @@ def _http_errors(url: str) -> Iterator[None]:
     try:
         yield
     except httpx.TimeoutException as exc:
-        raise DeadlineExceeded(f"no answer from {url} in time ({type(exc).__name__})") from exc
+        raise TimedOut(f"no answer from {url} in time ({type(exc).__name__})") from exc
     except httpx.TransportError as exc:
         raise Unreachable(f"cannot reach {url}: {type(exc).__name__}: {exc}") from exc
 
@@ -157,6 +161,8 @@ def _grpc_error(exc: grpc.RpcError, url: str) -> TeacherError:
     message = f"{call.details() or ''} (gRPC {code.name} from {url})"
     if name is None and code == grpc.StatusCode.UNAVAILABLE:
         return Unreachable(f"cannot reach {url}: {message}")
+    if name is None and code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return TimedOut(f"no answer from {url} in time: {message}")
     retry_ms = trailing.get(wire.RETRY_AFTER_KEY)
     return error_from_answer(
         message,

@@ -64,7 +64,7 @@ Chunk = tuple[Job, int, int]
 
 
 class Runner(Protocol):
-    """One replica as the batcher drives it (`engine.Runner`): fill a batch, run it."""
+    """One replica as the batcher drives it (`engine.ModelRunner` is one): fill a batch, run it."""
 
     def new_batch(self, size: int) -> torch.Tensor: ...
 

@@ -8,7 +8,6 @@ table's status and, as trailing metadata, the error's name and the retry hint.
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +33,7 @@ async def abort(context: Context, error: TeacherError) -> None:
     status = status_of(error)
     trailing: list[tuple[str, str]] = [(wire.ERROR_NAME_KEY, status.name)]
     if error.retry_after_s is not None:
-        trailing.append((wire.RETRY_AFTER_KEY, str(math.ceil(error.retry_after_s * 1000))))
+        trailing.append((wire.RETRY_AFTER_KEY, wire.retry_after_ms(error.retry_after_s)))
     await context.abort(
         grpc.StatusCode[status.grpc], error.message, trailing_metadata=tuple(trailing)
     )
@@ -69,6 +68,7 @@ class TeacherService:
             self.lifecycle.authorize(_authorization(context))
         except TeacherError as error:
             await abort(context, error)
+            raise AssertionError("unreachable: abort raises") from error
         return wire.models_to_protobuf(self.lifecycle.describe())
 
 

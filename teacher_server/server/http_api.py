@@ -36,7 +36,7 @@ def error_response(error: TeacherError) -> JSONResponse:
     headers = {}
     if error.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
-        headers[wire.RETRY_AFTER_KEY] = str(math.ceil(error.retry_after_s * 1000))
+        headers[wire.RETRY_AFTER_KEY] = wire.retry_after_ms(error.retry_after_s)
     body = {"error": {"code": status.grpc, "name": status.name, "message": error.message}}
     return JSONResponse(body, status_code=status.http, headers=headers)
 
@@ -94,7 +94,7 @@ def create_http_app(lifecycle: Lifecycle) -> FastAPI:
     """The FastAPI app of one teacher server."""
     app = FastAPI(title="kdserve teacher", version=__version__, docs_url="/docs", redoc_url=None)
     metrics_registry = CollectorRegistry(auto_describe=True)
-    metrics_registry.register(StatsCollector(lifecycle.registry.all_stats))
+    metrics_registry.register(StatsCollector(lifecycle.model_stats))
 
     @app.exception_handler(TeacherError)
     async def _teacher_error(_: Request, error: TeacherError) -> JSONResponse:
@@ -137,7 +137,7 @@ def create_http_app(lifecycle: Lifecycle) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz() -> dict[str, str]:
-        if not lifecycle.registry.ready:
+        if not lifecycle.ready:
             raise NotReady("models are still loading or the server is shutting down")
         return {"status": "ready"}
 

@@ -21,6 +21,7 @@ from teacher_server.server.batcher import Job
 from teacher_server.server.config import TeacherConfig
 from teacher_server.server.outputs import combine_members, finish_outputs
 from teacher_server.server.registry import Registry, Served, ServedEnsemble, ServedModel
+from teacher_server.server.stats import ModelStats
 from teacher_server.shared.contract import (
     InferRequest,
     InferResult,
@@ -57,6 +58,15 @@ class Lifecycle:
         self.max_request_bytes = config.server.max_request_bytes
         token = config.server.auth_token
         self._token = None if token is None else token.get_secret_value().encode()
+
+    @property
+    def ready(self) -> bool:
+        """Every model loaded and warmed up, and not shutting down."""
+        return self.registry.ready
+
+    def model_stats(self) -> list[ModelStats]:
+        """The counters of every model and ensemble (for `/metrics`)."""
+        return self.registry.all_stats()
 
     def authorize(self, authorization: str | None) -> None:
         """Check an `Authorization: Bearer <token>` value when the server has a token."""
@@ -200,10 +210,7 @@ class Lifecycle:
 
     def stats(self) -> dict[str, Any]:
         """`GET /v1/stats`: readiness and every model's counters."""
-        return {
-            "ready": self.registry.ready,
-            "models": {s.name: s.snapshot() for s in self.registry.all_stats()},
-        }
+        return {"ready": self.ready, "models": {s.name: s.snapshot() for s in self.model_stats()}}
 
 
 def _resolver(

@@ -11,6 +11,7 @@ referenced, never copied into an intermediate object.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -43,6 +44,13 @@ RETRY_AFTER_KEY = "retry-after-ms"
 """HTTP header and gRPC trailing metadata: the back-off hint of a refused request."""
 ERROR_NAME_KEY = "kdserve-error"
 """gRPC trailing metadata: the error table's name of the error (HTTP carries it in the body)."""
+
+
+def retry_after_ms(seconds: float) -> str:
+    """A back-off hint as its header or metadata value: whole milliseconds, rounded up."""
+    return str(math.ceil(seconds * 1000))
+
+
 REQUEST_FIELDS = frozenset(
     {"model", "images", "mix", "temperature", "output", "output_dtype", "top_k", "request_id"}
 )
@@ -75,14 +83,17 @@ def request_to_msgpack(request: InferRequest) -> bytes:
 
 def request_from_msgpack(body: bytes, *, path_model: str | None = None) -> InferRequest:
     """A checked request from an HTTP body; `path_model` is the model named by the URL."""
-    fields = _map(_unpack(body), "request body")
-    _known_fields(fields, REQUEST_FIELDS, "request")
-    model = _typed(fields, "model", str, "a string")
-    if model is None:
-        model = path_model
-    elif model and path_model is not None and model != path_model:
-        raise InvalidRequest(f"body model {model!r} differs from the URL's model {path_model!r}")
+    model = path_model
     try:
+        fields = _map(_unpack(body), "request body")
+        _known_fields(fields, REQUEST_FIELDS, "request")
+        named = _typed(fields, "model", str, "a string")
+        if named and path_model is not None and named != path_model:
+            raise InvalidRequest(
+                f"body model {named!r} differs from the URL's model {path_model!r}"
+            )
+        if named is not None:
+            model = named
         if fields.get("images") is None:
             raise missing("images")
         images = checked_images(*_tensor_fields(fields["images"], "images"))
@@ -98,7 +109,7 @@ def request_from_msgpack(body: bytes, *, path_model: str | None = None) -> Infer
             request_id=_typed(fields, "request_id", str, "a string"),
         )
     except InvalidRequest as error:
-        error.model = model
+        error.model = model or path_model
         raise
 
 
@@ -143,7 +154,7 @@ def request_from_protobuf(body: bytes) -> InferRequest:
             request_id=message.request_id,
         )
     except InvalidRequest as error:
-        error.model = model
+        error.model = model or None
         raise
 
 

@@ -2,31 +2,26 @@
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import pytest
 import torch
 
 from teacher_server.client import RetryPolicy, TeacherClient
+from teacher_server.client.connections import Unreachable
 from teacher_server.server.serve import ServerThread
 from teacher_server.shared.contract import Mix
-from teacher_server.shared.errors import DeadlineExceeded, InvalidRequest, ModelNotFound, NotReady
+from teacher_server.shared.errors import DeadlineExceeded, InvalidRequest, ModelNotFound
 from tests.helpers import (
     TOKEN,
     in_process,
     model_stats,
     occupy_slow_model,
     random_images,
+    refusing_port,
     running_server,
     teacher_config,
 )
-
-
-def dead_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def ok_requests(server: ServerThread, model: str = "small") -> int:
@@ -47,20 +42,24 @@ def test_round_robin_over_endpoints(server: ServerThread, teachers: dict[str, An
 @pytest.mark.parametrize("scheme", ["http", "grpc"])
 def test_failover_past_a_dead_endpoint(server: ServerThread, scheme: str) -> None:
     live = server.endpoints.http_url if scheme == "http" else server.endpoints.grpc_url
-    dead = f"{scheme}://127.0.0.1:{dead_port()}"
-    with TeacherClient.connect([dead, live], model="small", timeout_s=20) as client:
+    with (
+        refusing_port() as port,
+        TeacherClient.connect([f"{scheme}://127.0.0.1:{port}", live], model="small") as client,
+    ):
         for _ in range(4):
             assert client.infer(random_images(2)).shape == (2, 10)
 
 
-def test_unreachable_teacher_gives_up_after_retries() -> None:
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_unreachable_teacher_gives_up_after_retries(scheme: str) -> None:
     with (
+        refusing_port() as port,
         TeacherClient.connect(
-            f"http://127.0.0.1:{dead_port()}",
+            f"{scheme}://127.0.0.1:{port}",
             model="small",
             retry=RetryPolicy(attempts=2, backoff_s=0.01),
         ) as client,
-        pytest.raises(NotReady, match="cannot reach"),
+        pytest.raises(Unreachable, match="cannot reach"),
     ):
         client.infer(random_images(1))
 

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from teacher_server.client import RetryPolicy
-from teacher_server.client.connections import Unreachable
+from teacher_server.client.connections import TimedOut, Unreachable
 from teacher_server.shared.errors import (
     DeadlineExceeded,
     InvalidRequest,
@@ -22,7 +22,7 @@ from teacher_server.shared.errors import (
 
 @pytest.mark.parametrize(
     "error",
-    [NotReady("loading"), Unreachable("refused"), QueueFull("full"), DeadlineExceeded("late")],
+    [NotReady("loading"), Unreachable("refused"), QueueFull("full"), TimedOut("no answer")],
     ids=lambda e: type(e).__name__,
 )
 def test_unavailable_busy_and_late_answers_are_retried(error: Exception) -> None:
@@ -38,6 +38,7 @@ def test_unavailable_busy_and_late_answers_are_retried(error: Exception) -> None
         Unauthenticated("token"),
         RequestTooLarge("big"),
         ModelFailure("boom"),
+        DeadlineExceeded("expired in the server's queue"),
     ],
     ids=lambda e: type(e).__name__,
 )
@@ -68,6 +69,8 @@ def test_a_patient_policy_waits_without_end_and_its_tries_keep_their_timeout() -
     patient = RetryPolicy.patient(max_backoff_s=30.0)
     assert patient.budget_s(60.0) == math.inf
     assert patient.delay_s(10**6, Unreachable("gone"), time_left_s=math.inf) is not None
+    assert patient.delay_s(0, DeadlineExceeded("expired"), time_left_s=math.inf) is not None
+    assert patient.delay_s(0, InvalidRequest("bad"), time_left_s=math.inf) is None
     assert RetryPolicy().budget_s(60.0) == 60.0
 
 

@@ -159,6 +159,16 @@ def test_malformed_bodies(strict_server: ServerThread) -> None:
     assert_still_serving(strict_server)
 
 
+def test_invalid_requests_count_against_the_model_they_name(strict_server: ServerThread) -> None:
+    before = model_stats(strict_server)["small"]["requests"].get("invalid", 0)
+    assert post(strict_server, {**good_fields(), "temprature": 2.0}).status_code == 400
+    assert post(strict_server, None, raw=b"\xc1 not msgpack").status_code == 400  # URL: small
+    assert grpc_status(strict_server, {**good_fields(), "temperature": 0.0}) == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert model_stats(strict_server)["small"]["requests"]["invalid"] == before + 3
+
+
 def test_error_messages_name_field_and_value(strict_server: ServerThread) -> None:
     message = post(strict_server, {**good_fields(), "temperature": -3.0}).json()["error"]["message"]
     assert "temperature" in message and "-3.0" in message

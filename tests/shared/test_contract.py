@@ -213,7 +213,7 @@ def test_one_bad_request_one_error_on_either_encoding(fields: dict[str, Any]) ->
     with pytest.raises(InvalidRequest) as over_protobuf:
         wire.request_from_protobuf(protobuf_request(fields))
     assert over_msgpack.value.message == over_protobuf.value.message
-    assert over_msgpack.value.model == over_protobuf.value.model == fields.get("model")
+    assert over_msgpack.value.model == over_protobuf.value.model == (fields.get("model") or None)
 
 
 @pytest.mark.parametrize(

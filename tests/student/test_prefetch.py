@@ -23,14 +23,20 @@ WAIT_S = 30.0
 def test_depth_requests_are_in_flight_at_once_and_no_more() -> None:
     """Every fetch blocks until released: `depth` start, the next waits for a free slot."""
     started: list[int] = []
+    running, most = 0, 0
     changed = threading.Condition()
     release = {item: threading.Event() for item in range(8)}
 
     def fetch(item: int) -> torch.Tensor:
+        nonlocal running, most
         with changed:
             started.append(item)
+            running += 1
+            most = max(most, running)
             changed.notify_all()
         assert release[item].wait(WAIT_S)
+        with changed:
+            running -= 1
         return torch.tensor([item])
 
     results: list[tuple[int, int]] = []
@@ -40,7 +46,7 @@ def test_depth_requests_are_in_flight_at_once_and_no_more() -> None:
     consumer.start()
     with changed:
         assert changed.wait_for(lambda: len(started) == 3, WAIT_S)
-        assert started == [0, 1, 2]
+        assert sorted(started) == [0, 1, 2]
     release[0].set()
     with changed:
         assert changed.wait_for(lambda: len(started) == 4, WAIT_S)
@@ -49,6 +55,7 @@ def test_depth_requests_are_in_flight_at_once_and_no_more() -> None:
         event.set()
     consumer.join(WAIT_S)
     assert results == [(i, i) for i in range(8)]
+    assert most == 3, f"{most} fetches ran at once with depth 3"
 
 
 def test_items_come_out_in_order_even_when_answers_do_not() -> None:

@@ -56,3 +56,13 @@ def test_bad_lines_name_the_file_and_the_line(tmp_path: Path) -> None:
         log.records()
     with pytest.raises(FileNotFoundError, match="no metrics file"):
         RunLog(tmp_path / "nowhere").records()
+
+
+def test_a_half_written_line_is_dropped_on_resume(tmp_path: Path) -> None:
+    log = RunLog(tmp_path)
+    log.append({"kind": "train", "step": 1})
+    with open(log.path, "a") as handle:
+        handle.write('{"kind": "train", "st')
+    log.forget_after(1)
+    log.append({"kind": "train", "step": 2})
+    assert [r["step"] for r in log.records()] == [1, 2]

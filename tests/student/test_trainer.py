@@ -28,7 +28,7 @@ from student_worker.trainer import Trainer, TrainingError
 from teacher_server.client import TeacherClient
 from teacher_server.server.serve import ServerThread
 from teacher_server.shared.settings import ConfigError
-from tests.helpers import model_stats, running_server
+from tests.helpers import model_stats, refusing_port, running_server, teacher_config
 
 pytestmark = pytest.mark.slow
 
@@ -82,30 +82,33 @@ def test_two_students_train_at_once_on_one_teacher(server: ServerThread, tmp_pat
         assert evaluations and expected <= set(evaluations[-1])
 
 
-def test_resume_continues_the_same_loss_curve(server: ServerThread, tmp_path: Path) -> None:
-    """Stopped by SIGTERM part-way, resumed: the remaining steps match an uninterrupted run."""
-    Trainer(run_config(server, tmp_path / "whole", **{"loss.name": "dkd"})).fit()
-    reference = train_losses(tmp_path / "whole")
-    interrupted = Trainer(run_config(server, tmp_path / "cut", **{"loss.name": "dkd"}))
+def test_resume_continues_the_same_loss_curve(teachers: dict[str, Any], tmp_path: Path) -> None:
+    """Stopped by SIGTERM part-way, resumed: the remaining steps match an uninterrupted run,
+    bit for bit. The teacher computes each request in a pass of its own (max_batch_size is the
+    batch size), so its answers do not depend on which requests happened to be batched."""
+    with running_server(teacher_config(teachers, max_batch_size=32)) as server:
+        Trainer(run_config(server, tmp_path / "whole", **{"loss.name": "dkd"})).fit()
+        reference = train_losses(tmp_path / "whole")
+        interrupted = Trainer(run_config(server, tmp_path / "cut", **{"loss.name": "dkd"}))
 
-    def stop_after_some_steps() -> None:
-        log = RunLog(tmp_path / "cut")
-        while not log.exists() or len(log.records("train")) < 6:
-            time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGTERM)
+        def stop_after_some_steps() -> None:
+            log = RunLog(tmp_path / "cut")
+            while not log.exists() or len(log.records("train")) < 6:
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGTERM)
 
-    stopper = threading.Thread(target=stop_after_some_steps)
-    stopper.start()
-    interrupted.fit()
-    stopper.join()
-    done = len(train_losses(tmp_path / "cut"))
-    assert 6 <= done < 16, "SIGTERM should stop the run part-way"
-    Trainer(run_config(server, tmp_path / "cut", **{"loss.name": "dkd"}), resume=True).fit()
-    resumed = train_losses(tmp_path / "cut")
-    assert len(resumed) == 16
-    assert resumed == reference, "resuming on the CPU must be bit-exact"
-    with pytest.raises(TrainingError, match="already holds a run; pass --resume"):
-        Trainer(run_config(server, tmp_path / "cut", **{"loss.name": "dkd"}))
+        stopper = threading.Thread(target=stop_after_some_steps)
+        stopper.start()
+        interrupted.fit()
+        stopper.join()
+        done = len(train_losses(tmp_path / "cut"))
+        assert 6 <= done < 16, "SIGTERM should stop the run part-way"
+        Trainer(run_config(server, tmp_path / "cut", **{"loss.name": "dkd"}), resume=True).fit()
+        resumed = train_losses(tmp_path / "cut")
+        assert len(resumed) == 16
+        assert resumed == reference, "resuming on the CPU must be bit-exact"
+        with pytest.raises(TrainingError, match="already holds a run; pass --resume"):
+            Trainer(run_config(server, tmp_path / "cut", **{"loss.name": "dkd"}))
 
 
 def test_bad_settings_are_clear_errors(
@@ -113,6 +116,12 @@ def test_bad_settings_are_clear_errors(
 ) -> None:
     with pytest.raises(TrainingError, match=r"'ghost' is not served .*available: \['pair_logits'"):
         Trainer(run_config(server, tmp_path / "a", **{"teacher.model": "ghost"}))
+    with refusing_port() as port, pytest.raises(TrainingError, match="for their models"):
+        Trainer(
+            run_config(
+                server, tmp_path / "e", **{"teacher.endpoints": [f"grpc://127.0.0.1:{port}"]}
+            )
+        )
     five = {
         "server": {"http_port": 0, "grpc_port": 0},
         "models": [

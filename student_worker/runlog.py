@@ -38,7 +38,24 @@ class RunLog:
         """
         if not self.path.is_file():
             raise FileNotFoundError(f"no metrics file: {self.path}")
-        lines = self.path.read_bytes().split(b"\n")[:-1]  # the part after the last newline
+        return self._parse(self.path.read_bytes(), kind)
+
+    def forget_after(self, step: int) -> None:
+        """Drop the records of steps after `step` (a killed run's, trained again on resume),
+        and a line a killed run left half-written, so the next record starts a line of its own."""
+        if not self.path.is_file():
+            return
+        data = self.path.read_bytes()
+        records = self._parse(data)
+        kept = [record for record in records if record["step"] <= step]
+        torn = bool(data) and not data.endswith(b"\n")
+        if len(kept) < len(records) or torn:
+            tmp = self.path.with_name(f".{METRICS_FILE}.tmp")
+            tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
+            tmp.replace(self.path)
+
+    def _parse(self, data: bytes, kind: str | None = None) -> list[Record]:
+        lines = data.split(b"\n")[:-1]  # the part after the last newline is still being written
         records = []
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -54,16 +71,3 @@ class RunLog:
             if kind is None or record.get("kind") == kind:
                 records.append(record)
         return records
-
-    def forget_after(self, step: int) -> None:
-        """Drop the records of steps after `step` (a killed run's, trained again on resume),
-        and a line a killed run left half-written, so the next record starts a line of its own."""
-        if not self.path.is_file():
-            return
-        records = self.records()
-        kept = [record for record in records if record["step"] <= step]
-        torn = not self.path.read_bytes().endswith(b"\n") and self.path.stat().st_size > 0
-        if len(kept) < len(records) or torn:
-            tmp = self.path.with_name(f".{METRICS_FILE}.tmp")
-            tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
-            tmp.replace(self.path)

@@ -16,7 +16,7 @@ import torch
 
 from student_worker.config import TeacherSettings
 from teacher_server.client import RetryPolicy, TeacherClient
-from teacher_server.shared.contract import Mix
+from teacher_server.shared.contract import Mix, ModelInfo
 from teacher_server.shared.errors import TeacherError
 
 
@@ -60,24 +60,32 @@ def connect_teacher(
     token = settings.token.get_secret_value() if settings.token else None
     client = TeacherClient.connect(settings.endpoints, token=token, timeout_s=settings.timeout_s)
     try:
+        info = _served_teacher(client, settings, num_classes=num_classes, data_name=data_name)
+    except BaseException:
+        client.close()
+        raise
+    client.retry = RetryPolicy.patient()
+    run_id = f"{run_name}-{uuid.uuid4().hex[:8]}"
+    return TeacherRequests(client, info.name, run_id=run_id), info.input_size
+
+
+def _served_teacher(
+    client: TeacherClient, settings: TeacherSettings, *, num_classes: int, data_name: str
+) -> ModelInfo:
+    try:
         served = {m.name: m for m in client.list_models()}
     except TeacherError as error:
-        client.close()
         raise NoTeacher(f"cannot ask {settings.endpoints} for their models: {error}") from error
     name = settings.model or (next(iter(served)) if len(served) == 1 else None)
     if name not in served:
-        client.close()
         raise NoTeacher(
             f"teacher model {name!r} is not served at {settings.endpoints}; "
             f"available: {sorted(served)}"
         )
     info = served[name]
     if info.num_classes != num_classes:
-        client.close()
         raise NoTeacher(
             f"the teacher {name!r} has {info.num_classes} classes but the data set "
             f"{data_name!r} has {num_classes}"
         )
-    client.retry = RetryPolicy.patient()
-    run_id = f"{run_name}-{uuid.uuid4().hex[:8]}"
-    return TeacherRequests(client, name, run_id=run_id), info.input_size
+    return info

@@ -27,6 +27,7 @@ from teacher_server.shared.contract import (
     InferResult,
     Mix,
     ModelInfo,
+    ModelList,
     Output,
     OutputDtype,
 )
@@ -123,10 +124,7 @@ class TeacherClient:
         """Every model and ensemble the teacher serves."""
         timeout_s = timeout_s or self.timeout_s
         deadline = time.monotonic() + self.retry.budget_s(timeout_s)
-        described = self._call(
-            lambda c: c.list_models(_left(deadline, timeout_s)), deadline, "the model list"
-        )
-        return list(described.models)
+        return list(self._model_list(deadline, timeout_s).models)
 
     def close(self) -> None:
         for connection in self._connections:
@@ -165,11 +163,14 @@ class TeacherClient:
     def _request_limit(self, deadline: float, timeout_s: float) -> int:
         """The server's max_request_bytes, asked once."""
         if self._max_request_bytes is None:
-            described = self._call(
-                lambda c: c.list_models(_left(deadline, timeout_s)), deadline, "the server limits"
-            )
-            self._max_request_bytes = described.limits.max_request_bytes
+            limits = self._model_list(deadline, timeout_s).limits
+            self._max_request_bytes = limits.max_request_bytes
         return self._max_request_bytes
+
+    def _model_list(self, deadline: float, timeout_s: float) -> ModelList:
+        return self._call(
+            lambda c: c.list_models(_left(deadline, timeout_s)), deadline, "the model list"
+        )
 
     def _pick(self) -> tuple[int, Connection]:
         """Round robin, skipping endpoints that failed a moment ago unless all did."""

@@ -12,13 +12,9 @@ from typing import Literal
 
 import torch
 
-from teacher_server.shared.contract import Output, OutputDtype
+from teacher_server.shared.contract import TENSOR_DTYPES, Output, OutputDtype
 
 Combine = Literal["mean_logits", "mean_probs"]
-OUTPUT_TORCH_DTYPES: dict[OutputDtype, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-}
 
 
 def combine_members(
@@ -61,7 +57,7 @@ def finish_outputs(
         values = torch.log_softmax(scaled, dim=-1)
     else:
         values = scaled
-    dtype = OUTPUT_TORCH_DTYPES[output_dtype]
+    dtype = TENSOR_DTYPES[output_dtype]
     if top_k is None:
         return Outputs(values.to(dtype), None, None)
     top_values, top_indices = values.topk(top_k, dim=-1)

@@ -1,6 +1,6 @@
 """The training objective: mixed cross-entropy plus a ramped, weighted distillation term.
 
-total = ce_weight * CE(mixed labels, labeled samples, label smoothing)
+total = ce_weight * CE(mixed labels, labeled shares, label smoothing)
       + ramp(epoch) * kd_weight * distill(student, teacher, dominant labels)
 
 with ramp = min((epoch + 1) / warmup_epochs, 1) (1 without warm-up). Under mixing a sample's
@@ -74,11 +74,39 @@ class Objective:
 
 
 def mixed_cross_entropy(logits: Tensor, targets: MixedLabels, label_smoothing: float) -> Tensor:
-    """lam * CE(y_a) + (1 - lam) * CE(y_b) over the samples whose labels are both known.
+    """lam * CE(y_a) + (1 - lam) * CE(y_b) per sample, averaged over the samples with a label.
 
-    A batch without a labeled sample gives 0 (with a gradient path, so backward works).
+    When only one mixing partner is labeled, each CE is weighted by its share over the
+    labeled shares: lam / lam = 1 for a labeled y_a alone, likewise for y_b; a partner with
+    share 0 counts for nothing. A batch without a labeled sample gives 0 (with a gradient
+    path, so backward works).
     """
-    labeled = (targets.labels_a >= 0) & (targets.labels_b >= 0)
+    lam = targets.lam
+    known_a = targets.labels_a >= 0
+    known_b = (targets.labels_b >= 0) if lam < 1.0 else known_a
+    if lam > 0.0 and bool((known_a == known_b).all()):
+        return _both_labeled_cross_entropy(logits, targets, known_a, label_smoothing)
+    share_a = known_a.to(logits.dtype) * lam
+    share_b = known_b.to(logits.dtype) * (1.0 - lam)
+    shares = share_a + share_b
+    labeled = shares > 0
+    if not bool(labeled.any()):
+        return logits.sum() * 0.0
+    chosen = logits[labeled]
+    loss_a, loss_b = (
+        F.cross_entropy(
+            chosen, labels[labeled].clamp(min=0), label_smoothing=label_smoothing, reduction="none"
+        )
+        for labels in (targets.labels_a, targets.labels_b)
+    )
+    per_sample = (share_a[labeled] * loss_a + share_b[labeled] * loss_b) / shares[labeled]
+    return per_sample.mean()
+
+
+def _both_labeled_cross_entropy(
+    logits: Tensor, targets: MixedLabels, labeled: Tensor, label_smoothing: float
+) -> Tensor:
+    """The common case, every sample labeled on both sides or on neither: two batch means."""
     if not bool(labeled.any()):
         return logits.sum() * 0.0
     chosen = logits[labeled]

@@ -1,4 +1,5 @@
-"""Batches over the server's message limit: split into requests, answers joined in order.
+"""Batches over the server's request limits (bytes, images): split into requests, answers
+joined in order.
 
 The server mixes a request as a whole, so each part carries every image its rows mix with
 (re-indexed); those extra rows are answered too and dropped here. Every part's answer must
@@ -37,9 +38,10 @@ class TeacherReply:
     parts: tuple[InferResult, ...]
 
 
-def split_request(request: InferRequest, limit_bytes: int) -> list[Part]:
-    """Parts of at most `limit_bytes` each (the whole request when it fits)."""
-    spans = _spans(request, limit_bytes)
+def split_request(request: InferRequest, limit_bytes: int, limit_images: int = 0) -> list[Part]:
+    """Parts of at most `limit_bytes` and `limit_images` (0: any number) each; the whole
+    request when it fits."""
+    spans = _spans(request, limit_bytes, limit_images)
     if len(spans) == 1:
         return [Part(request, int(request.images.shape[0]))]
     parts = []
@@ -83,12 +85,14 @@ def _joined(pieces: list[torch.Tensor]) -> torch.Tensor | None:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
-def _spans(request: InferRequest, limit_bytes: int) -> list[tuple[int, int]]:
-    """Row ranges whose requests fit the limit; with mixing, each part carries its partners."""
+def _spans(request: InferRequest, limit_bytes: int, limit_images: int) -> list[tuple[int, int]]:
+    """Row ranges whose requests fit the limits; with mixing, each part carries its partners."""
     images, mix = request.images, request.mix
     count = int(images.shape[0])
     per_image = images[0].numel() * images.element_size() + (16 if mix is not None else 0)
     fits = max(1, (limit_bytes - REQUEST_OVERHEAD_BYTES) // per_image)
+    if limit_images:
+        fits = min(fits, limit_images)
     if mix is not None:
         fits = max(1, fits // 2)
     if fits >= count:

@@ -80,6 +80,7 @@ class TeacherClient:
         self._turn = itertools.count()
         self._failed_until = [0.0] * len(self._connections)
         self._max_request_bytes = max_request_bytes
+        self._served: ModelList | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -109,7 +110,8 @@ class TeacherClient:
         request = self._request(images, top_k, options)
         timeout_s = options.get("timeout_s") or self.timeout_s
         deadline = time.monotonic() + self.retry.budget_s(timeout_s)
-        parts = split_request(request, self._request_limit(deadline, timeout_s))
+        limit_bytes, limit_images = self._request_limits(request.model, deadline, timeout_s)
+        parts = split_request(request, limit_bytes, limit_images)
         results = [self._infer_part(part, deadline, timeout_s) for part in parts]
         return join_parts(request.request_id, parts, results)
 
@@ -160,12 +162,14 @@ class TeacherClient:
             request_id=options.get("request_id") or uuid.uuid4().hex,
         )
 
-    def _request_limit(self, deadline: float, timeout_s: float) -> int:
-        """The server's max_request_bytes, asked once."""
-        if self._max_request_bytes is None:
-            limits = self._model_list(deadline, timeout_s).limits
-            self._max_request_bytes = limits.max_request_bytes
-        return self._max_request_bytes
+    def _request_limits(self, model: str, deadline: float, timeout_s: float) -> tuple[int, int]:
+        """The bytes and images one request to `model` may carry (0: no limit said); the
+        server's model list is asked once."""
+        if self._served is None:
+            self._served = self._model_list(deadline, timeout_s)
+        limit_bytes = self._max_request_bytes or self._served.limits.max_request_bytes
+        info = next((m for m in self._served.models if m.name == model), None)
+        return limit_bytes, 0 if info is None else info.max_images
 
     def _model_list(self, deadline: float, timeout_s: float) -> ModelList:
         return self._call(

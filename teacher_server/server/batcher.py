@@ -29,6 +29,7 @@ from teacher_server.shared.errors import (
     ModelFailure,
     NotReady,
     QueueFull,
+    RequestTooLarge,
     TeacherError,
 )
 
@@ -109,20 +110,31 @@ class Batcher:
             thread.start()
 
     def submit(self, job: Job) -> None:
-        """Enqueue or raise QueueFull (with a retry hint) / NotReady; never blocks."""
+        """Enqueue or raise QueueFull (with a retry hint), RequestTooLarge or NotReady; never
+        blocks. The queue limit holds for the first job too: nothing overfills an empty queue."""
+        if job.size > self.max_queue_images:
+            raise RequestTooLarge(
+                f"request of {job.size} images is over model {self.name!r}'s whole queue "
+                f"(max_queue_images {self.max_queue_images}); split it"
+            )
         with self._cond:
             if self._closed:
                 raise NotReady(f"model {self.name!r} is shutting down")
-            if self._queued_images and self._queued_images + job.size > self.max_queue_images:
-                retry = self._retry_after_s()
-                raise QueueFull(
-                    f"model {self.name!r} has {self._queued_images} images queued "
-                    f"(max_queue_images {self.max_queue_images}); retry in {retry:.2f}s",
-                    retry_after_s=retry,
-                )
-            self._queue.append(job)
-            self._queued_images += job.size
-            self._cond.notify()
+            expired = self._pop_expired(time.monotonic())
+            full = self._queued_images + job.size > self.max_queue_images
+            if not full:
+                self._queue.append(job)
+                self._queued_images += job.size
+                self._cond.notify()
+            retry = self._retry_after_s()
+            queued = self._queued_images
+        self._fail_expired(expired)
+        if full:
+            raise QueueFull(
+                f"model {self.name!r} has {queued} images queued (max_queue_images "
+                f"{self.max_queue_images}), no room for {job.size} more; retry in {retry:.2f}s",
+                retry_after_s=retry,
+            )
 
     def cancel(self, job: Job) -> None:
         """Forget a job whose caller went away; rows not started are never computed."""
@@ -140,7 +152,11 @@ class Batcher:
             self._queued_images = 0
             self._cond.notify_all()
         for job in dropped:
-            self._fail(job, NotReady(f"model {self.name!r} shut down before this request ran"))
+            if job.started_at is None:
+                what = "before this request ran"
+            else:
+                what = f"after {job.next_row} of this request's {job.size} images were started"
+            self._fail(job, NotReady(f"model {self.name!r} shut down {what}"))
         for thread in self._threads:
             thread.join(timeout_s)
 
@@ -191,25 +207,32 @@ class Batcher:
                     self._busy += 1
                 if self._queued_images:
                     self._cond.notify()
-            for job in expired:
-                self._fail(
-                    job,
-                    DeadlineExceeded(
-                        f"request waited {now - job.enqueued_at:.3f}s in model {self.name!r}'s "
-                        "queue, past its deadline; it was not computed"
-                    ),
-                )
+            self._fail_expired(expired)
             if chunks:
                 return chunks
             if self._closed:
                 return None
 
     def _pop_expired(self, now: float) -> list[Job]:
-        """Jobs whose deadline passed before any of their rows started (those finish)."""
-        expired = [job for job in self._queue if job.deadline <= now and job.started_at is None]
+        """Queued jobs whose deadline passed, whether or not some of their rows were computed:
+        a long request stops between passes (lock held)."""
+        expired = [job for job in self._queue if job.deadline <= now]
         for job in expired:
             self._unqueue(job)
         return expired
+
+    def _fail_expired(self, jobs: list[Job]) -> None:
+        now = time.monotonic()
+        for job in jobs:
+            waited = now - job.enqueued_at
+            if job.started_at is None:
+                what = f"waited {waited:.3f}s in model {self.name!r}'s queue; it was not computed"
+            else:
+                what = (
+                    f"ran {waited:.3f}s in model {self.name!r}; {job.next_row} of its "
+                    f"{job.size} images were computed or started, the rest were not"
+                )
+            self._fail(job, DeadlineExceeded(f"request passed its deadline: it {what}"))
 
     def _unqueue(self, job: Job) -> None:
         """Take a job's rows that are not yet handed out off the queue (lock held)."""

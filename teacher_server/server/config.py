@@ -47,7 +47,13 @@ class ServerConfig(_Strict):
     max_delay_ms: float = Field(2.0, ge=0)
     max_queue_images: int = Field(4096, ge=1)
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_request_images: int = Field(1024, ge=1)
+    max_request_pixels: int = Field(1024 * 224 * 224, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0)
+    max_connections: int = Field(1024, ge=1)
+    shutdown_grace_s: float = Field(10.0, ge=0)
     auth_token: SecretStr | None = None
 
     @field_validator("device")
@@ -186,6 +192,8 @@ class TeacherConfig(_Strict):
                 f"compile: true needs replicas_per_device: 1 (torch.compile is not thread-safe "
                 f"while compiling); compiled models: {compiled}"
             )
+        for model in self.models:
+            self.request_pixels(model.name)
         for ensemble in self.ensembles:
             unknown = [m for m in ensemble.members if m not in models]
             if unknown:
@@ -198,7 +206,32 @@ class TeacherConfig(_Strict):
                 raise ValueError(
                     f"ensemble {ensemble.name!r} members disagree on num_classes: {sorted(classes)}"
                 )
+            self.request_pixels(ensemble.name)
         return self
+
+    def request_pixels(self, name: str) -> int:
+        """Pixels one image sent to `name` costs: its input size, summed over an ensemble's
+        members (every member computes every image). ValueError if one image is over
+        max_request_pixels."""
+        models = {m.name: m for m in self.models}
+        members = next((e.members for e in self.ensembles if e.name == name), [name])
+        pixels = sum(models[m].input_size[0] * models[m].input_size[1] for m in members)
+        if pixels > self.server.max_request_pixels:
+            raise ValueError(
+                f"one image for {name!r} costs {pixels} pixels at its input size, over "
+                f"max_request_pixels ({self.server.max_request_pixels})"
+            )
+        return pixels
+
+    def max_images(self, name: str) -> int:
+        """Images one request to `name` may carry: max_request_images, max_queue_images (a
+        larger request could never be queued), and max_request_pixels divided by one image's
+        pixels at the model's input size."""
+        return min(
+            self.server.max_request_images,
+            self.server.max_queue_images,
+            self.server.max_request_pixels // self.request_pixels(name),
+        )
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -21,7 +21,13 @@ from teacher_server import __version__
 from teacher_server.server.lifecycle import Lifecycle
 from teacher_server.server.stats import StatsCollector
 from teacher_server.shared import wire
-from teacher_server.shared.errors import InvalidRequest, NotReady, TeacherError, status_of
+from teacher_server.shared.errors import (
+    InvalidRequest,
+    NotReady,
+    RequestTimeout,
+    TeacherError,
+    status_of,
+)
 
 T = TypeVar("T")
 CLIENT_CLOSED_REQUEST = 499
@@ -37,20 +43,31 @@ def error_response(error: TeacherError) -> JSONResponse:
     if error.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
         headers[wire.RETRY_AFTER_KEY] = wire.retry_after_ms(error.retry_after_s)
+    if isinstance(error, RequestTimeout):
+        headers["connection"] = "close"
     body = {"error": {"code": status.grpc, "name": status.name, "message": error.message}}
     return JSONResponse(body, status_code=status.http, headers=headers)
 
 
 async def read_body(request: Request, lifecycle: Lifecycle) -> bytes:
-    """The request body, refused as soon as it is known to pass max_request_bytes."""
+    """The request body, refused as soon as it is known to pass max_request_bytes, or when it
+    has not all arrived within body_timeout_s (a slow or short body cannot hold a connection)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit():
         lifecycle.check_size(int(declared))
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        lifecycle.check_size(size, partial=True)
-        chunks.append(chunk)
+    timeout_s = lifecycle.config.server.body_timeout_s
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                lifecycle.check_size(size, partial=True)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"body not complete within {timeout_s:g}s (body_timeout_s); {size} bytes arrived"
+            + (f" of {declared}" if declared is not None else "")
+        ) from None
     return b"".join(chunks)
 
 
@@ -75,6 +92,9 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None
     hangup = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, hangup}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
     finally:
         hangup.cancel()
     if task.done():
@@ -91,8 +111,16 @@ async def _disconnected(request: Request) -> None:
 
 
 def create_http_app(lifecycle: Lifecycle) -> FastAPI:
-    """The FastAPI app of one teacher server."""
-    app = FastAPI(title="kdserve teacher", version=__version__, docs_url="/docs", redoc_url=None)
+    """The FastAPI app of one teacher server; with a token, no /docs or /openapi.json (they
+    cannot ask for one)."""
+    public_docs = lifecycle.config.server.auth_token is None
+    app = FastAPI(
+        title="kdserve teacher",
+        version=__version__,
+        docs_url="/docs" if public_docs else None,
+        openapi_url="/openapi.json" if public_docs else None,
+        redoc_url=None,
+    )
     metrics_registry = CollectorRegistry(auto_describe=True)
     metrics_registry.register(StatsCollector(lifecycle.model_stats))
 

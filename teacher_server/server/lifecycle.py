@@ -58,6 +58,9 @@ class Lifecycle:
         self.max_request_bytes = config.server.max_request_bytes
         token = config.server.auth_token
         self._token = None if token is None else token.get_secret_value().encode()
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @property
     def ready(self) -> bool:
@@ -97,6 +100,8 @@ class Lifecycle:
         validation is counted against the model it named. An unexpected exception becomes a
         500 / INTERNAL TeacherError.
         """
+        self._in_flight += 1
+        self._idle.clear()
         try:
             return await self._answer(decode, timeout_s)
         except (TeacherError, asyncio.CancelledError):
@@ -104,6 +109,23 @@ class Lifecycle:
         except Exception as exc:
             log.exception("unexpected error while answering a request")
             raise TeacherError(f"internal error: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being answered now (decoded or not)."""
+        return self._in_flight
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` until no request is being answered; False if some still are."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     async def _answer(
         self, decode: Callable[[], InferRequest], timeout_s: float | None
@@ -133,6 +155,7 @@ class Lifecycle:
             raise InvalidRequest(
                 f"top_k must be <= num_classes ({target.num_classes}), got {request.top_k}"
             )
+        self._check_work(target, int(request.images.shape[0]))
         jobs = await self._wait_for_members(target, request, received, timeout_s)
         member_logits = []
         for job in jobs:
@@ -162,6 +185,20 @@ class Lifecycle:
             top_k_indices=outputs.top_k_indices,
             timings=_timings(jobs, received),
         )
+
+    def _check_work(self, target: Served, images: int) -> None:
+        """Refuse a request that asks more compute than one request may: the images it would
+        be resized to, not its body, are the work (1x1 images upsample to the model's size)."""
+        allowed = self.config.max_images(target.name)
+        if images > allowed:
+            server = self.config.server
+            pixels = self.config.request_pixels(target.name)
+            raise RequestTooLarge(
+                f"request of {images} images for {target.name!r} is over the {allowed} one "
+                f"request may carry (max_request_images {server.max_request_images}, "
+                f"max_request_pixels {server.max_request_pixels} at {pixels} pixels per image); "
+                "split it"
+            )
 
     async def _wait_for_members(
         self, target: Served, request: InferRequest, received: float, timeout_s: float | None
@@ -205,6 +242,8 @@ class Lifecycle:
                 max_request_bytes=server.max_request_bytes,
                 max_batch_size=server.max_batch_size,
                 max_queue_images=server.max_queue_images,
+                max_request_images=server.max_request_images,
+                max_request_pixels=server.max_request_pixels,
             ),
         )
 

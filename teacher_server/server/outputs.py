@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 
 from teacher_server.shared.contract import TENSOR_DTYPES, Output, OutputDtype
+from teacher_server.shared.errors import InvalidRequest, ModelFailure
 
 Combine = Literal["mean_logits", "mean_probs"]
 
@@ -49,7 +50,13 @@ def finish_outputs(
     output_dtype: OutputDtype,
     top_k: int | None,
 ) -> Outputs:
-    """Divide by the temperature, then turn into logits, probs or log-probs (top-k if asked)."""
+    """Divide by the temperature, then turn into logits, probs or log-probs (top-k if asked).
+
+    Every answer is finite: non-finite raw logits are the model's failure; outputs that do
+    not fit `output_dtype` at this temperature are the request's (InvalidRequest).
+    """
+    if not bool(torch.isfinite(raw_logits).all()):
+        raise ModelFailure("the model produced non-finite logits (inf or NaN) for this request")
     scaled = raw_logits / temperature if temperature != 1.0 else raw_logits
     if output == "probs":
         values = torch.softmax(scaled, dim=-1)
@@ -59,6 +66,23 @@ def finish_outputs(
         values = scaled
     dtype = TENSOR_DTYPES[output_dtype]
     if top_k is None:
-        return Outputs(values.to(dtype), None, None)
+        return Outputs(_finite(values, dtype, temperature, output), None, None)
     top_values, top_indices = values.topk(top_k, dim=-1)
-    return Outputs(None, top_values.to(dtype), top_indices.to(torch.int32))
+    return Outputs(
+        None, _finite(top_values, dtype, temperature, output), top_indices.to(torch.int32)
+    )
+
+
+def _finite(
+    values: torch.Tensor, dtype: torch.dtype, temperature: float, output: Output
+) -> torch.Tensor:
+    """`values` in `dtype`, or InvalidRequest when some do not fit it."""
+    cast = values.to(dtype)
+    if bool(torch.isfinite(cast).all()):
+        return cast
+    largest = float(values.abs().max())
+    raise InvalidRequest(
+        f"{output} at temperature {temperature:g} reach magnitude {largest:.3g}, beyond "
+        f"{str(dtype).removeprefix('torch.')} (max {torch.finfo(dtype).max:.3g}); ask a higher "
+        "temperature or output_dtype float32"
+    )

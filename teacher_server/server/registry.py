@@ -218,6 +218,7 @@ class Registry:
                 mean=m.mean,
                 std=m.std,
                 dtype=m.dtype,
+                max_images=self.config.max_images(m.name),
             )
             for m in self.config.models
         ]
@@ -234,6 +235,7 @@ class Registry:
                     members=tuple(e.members),
                     combine=e.combine,
                     member_weights=tuple(e.member_weights),
+                    max_images=self.config.max_images(e.name),
                 )
             )
         return tuple(described)

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import signal
 import socket
 import threading
@@ -24,10 +25,15 @@ import uvicorn
 from teacher_server.server.config import TeacherConfig
 from teacher_server.server.grpc_api import create_grpc_server, set_serving
 from teacher_server.server.http_api import create_http_app
+from teacher_server.server.http_protocol import guarded_protocol
 from teacher_server.server.lifecycle import Lifecycle
 from teacher_server.server.registry import Registry
 
 log = logging.getLogger(__name__)
+CLOSE_ANSWER_S = 2.0
+"""After the models close, how long the transports get to send the last 503s."""
+KEEP_ALIVE_S = 5
+"""uvicorn closes an HTTP connection idle this long after an answer (its default)."""
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -82,10 +88,14 @@ class TeacherServer:
         sock = _listening_socket(server.host, server.http_port)
         uv_config = uvicorn.Config(
             create_http_app(self.lifecycle),
+            http=guarded_protocol(
+                header_timeout_s=server.header_timeout_s, max_connections=server.max_connections
+            ),
             log_level="warning",
             access_log=False,
             lifespan="off",
-            timeout_graceful_shutdown=5,
+            timeout_keep_alive=KEEP_ALIVE_S,
+            timeout_graceful_shutdown=math.ceil(CLOSE_ANSWER_S),
         )
         self._http = _EmbeddedUvicorn(uv_config)
         self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
@@ -138,20 +148,32 @@ class TeacherServer:
     def request_stop(self) -> None:
         self._stopped.set()
 
-    async def stop(self, grace_s: float = 5.0) -> None:
-        """Stop taking requests, let the ones in flight finish (up to grace_s), free the ports.
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain, then close: the one shutdown behaviour (SIGTERM, SIGINT, `ServerThread.stop`).
 
-        From the first moment new requests get 503 / UNAVAILABLE and /readyz says 503, so
-        clients fail over while both transports drain side by side.
+        1. At once /readyz and gRPC health say not serving, and every new request on either
+           transport gets a JSON 503 / UNAVAILABLE `not_ready`; the ports stay open.
+        2. Requests already taken are computed, for up to `grace_s` (shutdown_grace_s).
+        3. What is still queued or computing then gets 503 / UNAVAILABLE `not_ready`, saying
+           how much of it had started; nothing is left without an answer.
+        4. The ports close (later connections are refused) and the models are freed.
         """
+        grace_s = self.config.server.shutdown_grace_s if grace_s is None else grace_s
         self._stopped.set()
         self.registry.drain()
         if self._health is not None:
             await set_serving(self._health, False)
-        await asyncio.gather(self._stop_grpc(grace_s), self._stop_http())
+        if not await self.lifecycle.wait_idle(grace_s):
+            log.warning(
+                "%d requests still running after the %.1fs grace period; answering them 503",
+                self.lifecycle.in_flight,
+                grace_s,
+            )
         if self._load_task is not None:
             await self._load_task
         await asyncio.to_thread(self.registry.close)
+        await self.lifecycle.wait_idle(CLOSE_ANSWER_S)
+        await asyncio.gather(self._stop_grpc(CLOSE_ANSWER_S), self._stop_http())
 
     async def _stop_grpc(self, grace_s: float) -> None:
         if self._grpc is not None:

@@ -39,6 +39,10 @@ MAX_SIDE = 4096
 MAX_DIMS = 8
 MAX_DIM = 2**31 - 1
 MAX_REQUEST_ID = 256
+MIN_TEMPERATURE = 0.01
+MAX_TEMPERATURE = 10_000.0
+"""The temperatures a request may ask for: beyond them the tempered outputs overflow or carry
+no information (the server also refuses an answer that would not be finite in its dtype)."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,8 @@ class ModelInfo:
     members: tuple[str, ...] = ()
     combine: str = ""
     member_weights: tuple[float, ...] = ()
+    max_images: int = 0
+    """Images one request to this name may carry (0: the server did not say)."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,8 @@ class ServerLimits:
     max_request_bytes: int
     max_batch_size: int
     max_queue_images: int
+    max_request_images: int = 0
+    max_request_pixels: int = 0
 
 
 @dataclass(frozen=True)
@@ -250,8 +258,11 @@ def checked_request(
     if not model:
         raise InvalidRequest(f"model must be a non-empty string, got {model!r}")
     temperature = 1.0 if temperature is None else temperature
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise InvalidRequest(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        raise InvalidRequest(
+            f"temperature must be in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
+            f"got {temperature!r}"
+        )
     output = "logits" if output is None else output
     if output not in OUTPUTS:
         raise InvalidRequest(f"output must be one of {list(OUTPUTS)}, got {output!r}")

@@ -42,11 +42,16 @@ class ModelNotFound(TeacherError):
 
 
 class RequestTooLarge(TeacherError):
-    """The body is over the server's max_request_bytes."""
+    """The body is over max_request_bytes, or asks more work than one request may cause
+    (max_request_images, max_request_pixels, max_queue_images)."""
 
 
 class QueueFull(TeacherError):
     """Backpressure: the model's queue holds max_queue_images already; retry after a while."""
+
+
+class RequestTimeout(TeacherError):
+    """The client sent its request head or body too slowly (header_timeout_s, body_timeout_s)."""
 
 
 class DeadlineExceeded(TeacherError):
@@ -77,6 +82,7 @@ ERROR_TABLE: dict[type[TeacherError], Status] = {
     RequestTooLarge: Status("request_too_large", 413, "RESOURCE_EXHAUSTED"),
     QueueFull: Status("queue_full", 429, "RESOURCE_EXHAUSTED"),
     DeadlineExceeded: Status("deadline_exceeded", 504, "DEADLINE_EXCEEDED"),
+    RequestTimeout: Status("request_timeout", 408, "DEADLINE_EXCEEDED"),
     NotReady: Status("not_ready", 503, "UNAVAILABLE"),
     ModelFailure: Status("model_failure", 500, "INTERNAL"),
     TeacherError: Status("internal", 500, "INTERNAL"),

@@ -58,6 +58,7 @@ TENSOR_FIELDS = frozenset({"dtype", "shape", "data"})
 MIX_FIELDS = frozenset({"mode", "perm", "lam", "box"})
 RESULT_TENSORS = ("logits", "top_k_values", "top_k_indices")
 MODEL_INFO_FIELDS = tuple(field.name for field in dataclasses.fields(ModelInfo))
+LIMIT_FIELDS = tuple(field.name for field in dataclasses.fields(ServerLimits))
 T = TypeVar("T")
 
 # ---- requests ---------------------------------------------------------------------------
@@ -264,13 +265,11 @@ def models_from_map(body: Any) -> ModelList:
         limits = body["limits"]
         return ModelList(
             models=tuple(
-                _model_info(**{field: m[field] for field in MODEL_INFO_FIELDS})
+                _model_info(**{field: m[field] for field in MODEL_INFO_FIELDS if field in m})
                 for m in body["models"]
             ),
             limits=ServerLimits(
-                max_request_bytes=int(limits["max_request_bytes"]),
-                max_batch_size=int(limits["max_batch_size"]),
-                max_queue_images=int(limits["max_queue_images"]),
+                **{field: int(limits[field]) for field in LIMIT_FIELDS if field in limits}
             ),
         )
     except (KeyError, TypeError, ValueError) as exc:
@@ -294,11 +293,7 @@ def models_from_protobuf(body: bytes) -> ModelList:
             _model_info(**{field: getattr(m, field) for field in MODEL_INFO_FIELDS})
             for m in message.models
         ),
-        limits=ServerLimits(
-            max_request_bytes=message.limits.max_request_bytes,
-            max_batch_size=message.limits.max_batch_size,
-            max_queue_images=message.limits.max_queue_images,
-        ),
+        limits=ServerLimits(**{field: getattr(message.limits, field) for field in LIMIT_FIELDS}),
     )
 
 
@@ -314,7 +309,9 @@ def _model_info(
     members: Sequence[str],
     combine: str,
     member_weights: Sequence[float],
+    max_images: int = 0,
 ) -> ModelInfo:
+    """A ModelInfo from decoded fields; `max_images` is absent in answers of older servers."""
     height, width = (int(side) for side in input_size)
     return ModelInfo(
         name=str(name),
@@ -327,6 +324,7 @@ def _model_info(
         members=tuple(str(v) for v in members),
         combine=str(combine),
         member_weights=tuple(float(v) for v in member_weights),
+        max_images=int(max_images),
     )
 
 

@@ -11,7 +11,13 @@ import torch
 
 from teacher_server.server.batcher import Batcher, Job
 from teacher_server.shared.contract import Mix
-from teacher_server.shared.errors import DeadlineExceeded, ModelFailure, NotReady, QueueFull
+from teacher_server.shared.errors import (
+    DeadlineExceeded,
+    ModelFailure,
+    NotReady,
+    QueueFull,
+    RequestTooLarge,
+)
 from teacher_server.shared.views import apply_mix, mix_views
 
 TIMEOUT_S = 5.0
@@ -243,6 +249,69 @@ def test_submit_over_max_queue_images_raises_queue_full(make_batcher, finished):
     assert "3 images queued" in refused.value.message
     batcher.submit(finished.job(request(30, 1)))
     assert batcher.stats.snapshot()["pending_images"] == 4
+
+
+def test_the_queue_limit_holds_for_the_first_request_too(make_batcher, finished):
+    """An empty queue once took any request: 20,000 images against max_queue_images 128."""
+    runner = FakeRunner()
+    batcher = make_batcher(runner, max_queue_images=4)
+    with pytest.raises(RequestTooLarge, match="5 images is over model 'fake'"):
+        batcher.submit(finished.job(request(10, 5)))
+    assert runner.passes == [] and batcher.stats.snapshot()["pending_images"] == 0
+    whole = finished.job(request(20, 4))
+    batcher.submit(whole)
+    finished.wait(whole)
+    assert_answered(whole)
+
+
+def test_expired_requests_free_the_queue_for_new_ones(make_batcher, finished):
+    """A request past its deadline does not hold room in the queue while every replica works."""
+    runner = FakeRunner()
+    batcher = make_batcher(runner, max_queue_images=4)
+    blocker = start_held(batcher, runner, finished)
+    stale = finished.job(request(10, 4), deadline_s=0.05)
+    batcher.submit(stale)
+    time.sleep(0.1)
+    fresh = finished.job(request(20, 4))
+    batcher.submit(fresh)
+    finished.wait(stale)
+    assert isinstance(stale.error, DeadlineExceeded)
+    runner.release.set()
+    finished.wait(blocker, fresh)
+    assert_answered(fresh)
+
+
+def test_a_long_request_stops_between_passes_once_its_deadline_passed(make_batcher, finished):
+    runner = FakeRunner()
+    runner.hold()
+    batcher = make_batcher(runner, max_batch_size=2)
+    job = finished.job(request(10, 8), deadline_s=0.3)
+    batcher.submit(job)
+    assert runner.entered.wait(TIMEOUT_S)
+    time.sleep(0.4)
+    runner.release.set()
+    finished.wait(job)
+
+    assert isinstance(job.error, DeadlineExceeded)
+    assert "2 of its 8 images were computed or started" in job.error.message
+    assert runner.passes == [[10.0, 11.0]]
+
+
+def test_close_says_how_much_of_a_request_had_started(make_batcher, finished):
+    runner = FakeRunner()
+    runner.hold()
+    batcher = make_batcher(runner, max_batch_size=2)
+    job = finished.job(request(10, 6))
+    batcher.submit(job)
+    assert runner.entered.wait(TIMEOUT_S)
+    closing = threading.Thread(target=batcher.close, kwargs={"timeout_s": TIMEOUT_S})
+    closing.start()
+    finished.wait(job)
+    runner.release.set()
+    closing.join(TIMEOUT_S)
+
+    assert isinstance(job.error, NotReady)
+    assert "after 2 of this request's 6 images were started" in job.error.message
 
 
 def test_close_fails_queued_jobs_with_not_ready_and_finishes_the_current_pass(

@@ -13,6 +13,7 @@ from teacher_server.shared.errors import (
     ModelNotFound,
     NotReady,
     QueueFull,
+    RequestTimeout,
     RequestTooLarge,
     TeacherError,
     Unauthenticated,
@@ -27,6 +28,7 @@ ROWS = [
     (RequestTooLarge, 413, "RESOURCE_EXHAUSTED"),
     (QueueFull, 429, "RESOURCE_EXHAUSTED"),
     (DeadlineExceeded, 504, "DEADLINE_EXCEEDED"),
+    (RequestTimeout, 408, "DEADLINE_EXCEEDED"),
     (NotReady, 503, "UNAVAILABLE"),
     (ModelFailure, 500, "INTERNAL"),
 ]
@@ -57,6 +59,7 @@ def test_answers_without_a_name_map_by_status() -> None:
     assert type(error_from_answer("x", name=None, http=429)) is QueueFull
     assert type(error_from_answer("x", name=None, http=500)) is ModelFailure
     assert type(error_from_answer("x", name=None, grpc="DEADLINE_EXCEEDED")) is DeadlineExceeded
+    assert type(error_from_answer("x", name=None, http=408)) is RequestTimeout
     assert type(error_from_answer("x", name=None, http=502)) is TeacherError
     assert type(error_from_answer("x", name="from-the-future", http=404)) is ModelNotFound
 

@@ -50,15 +50,66 @@ def test_label_smoothing_applies_to_true_labels() -> None:
     torch.testing.assert_close(smoothed, by_hand)
 
 
-def test_only_samples_with_both_labels_known_count() -> None:
+def ce_of(student: Tensor, row: int, label: int, smoothing: float = 0.0) -> Tensor:
+    log_probs = student[row].log_softmax(0)
+    return -(1.0 - smoothing) * log_probs[label] - smoothing * log_probs.mean()
+
+
+def test_a_partner_labeled_alone_counts_with_its_share_normalised() -> None:
     student = logits(3)
     a = torch.tensor([0, -1, 2, 3, -1, 0])
-    b = torch.tensor([1, 1, -1, 3, 2, 0])
-    known = torch.tensor([True, False, False, True, False, True])
-    expected = 0.5 * F.cross_entropy(student[known], a[known]) + 0.5 * F.cross_entropy(
-        student[known], b[known]
+    b = torch.tensor([1, 1, -1, 3, -1, 0])
+    lam = 0.3
+    # by hand: rows 0, 3, 5 mix both labels; row 1 has only y_b (share 0.7 / 0.7 = 1), row 2
+    # only y_a (0.3 / 0.3 = 1); row 4 has neither and does not count.
+    per_row = [
+        lam * ce_of(student, 0, 0) + (1 - lam) * ce_of(student, 0, 1),
+        ce_of(student, 1, 1),
+        ce_of(student, 2, 2),
+        lam * ce_of(student, 3, 3) + (1 - lam) * ce_of(student, 3, 3),
+        lam * ce_of(student, 5, 0) + (1 - lam) * ce_of(student, 5, 0),
+    ]
+    expected = torch.stack(per_row).mean()
+    torch.testing.assert_close(mixed_cross_entropy(student, MixedLabels(a, b, lam), 0.0), expected)
+
+
+def test_a_one_sided_batch_keeps_label_smoothing_and_the_both_labeled_rule() -> None:
+    student = logits(5)
+    a = torch.tensor([0, -1, 2, 3, 4, 0])
+    b = torch.tensor([1, 1, 2, 3, 4, 0])
+    lam = 0.6
+    rows = [lam * ce_of(student, 0, 0, 0.1) + (1 - lam) * ce_of(student, 0, 1, 0.1)]
+    rows.append(ce_of(student, 1, 1, 0.1))
+    rows += [ce_of(student, i, int(a[i]), 0.1) for i in range(2, 6)]
+    torch.testing.assert_close(
+        mixed_cross_entropy(student, MixedLabels(a, b, lam), 0.1), torch.stack(rows).mean()
     )
-    torch.testing.assert_close(mixed_cross_entropy(student, MixedLabels(a, b, 0.5), 0.0), expected)
+
+
+def test_under_a_tenth_of_labels_mixup_still_has_cross_entropy_on_most_steps() -> None:
+    """The issue's case: labeled_fraction 0.1 under mixup. Counting only pairs with both labels
+    left CE at zero on most steps; counting each labeled partner by its share does not."""
+    generator = torch.Generator().manual_seed(0)
+    steps_with_ce = 0
+    for _ in range(50):
+        labels = torch.randint(0, 5, (32,), generator=generator)
+        labels[torch.rand(32, generator=generator) >= 0.1] = -1
+        perm = torch.randperm(32, generator=generator)
+        targets = MixedLabels(labels, labels[perm], 0.7)
+        loss = mixed_cross_entropy(logits(samples=32), targets, 0.0)
+        steps_with_ce += int(loss.item() > 0)
+    assert steps_with_ce >= 45
+
+
+def test_a_partner_with_share_zero_counts_for_nothing() -> None:
+    student = logits(6)
+    a = torch.tensor([0, -1, 2, 3, 4, 0])
+    b = torch.tensor([1, 1, 2, -1, 4, 0])
+    unmixed = MixedLabels(a, b, 1.0)  # lam 1: y_b has no share, so only y_a decides
+    known = a >= 0
+    torch.testing.assert_close(
+        mixed_cross_entropy(student, unmixed, 0.0), F.cross_entropy(student[known], a[known])
+    )
 
 
 def test_a_batch_without_labels_gives_zero_with_a_gradient_path() -> None:

@@ -81,7 +81,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "num_classes", "input_size", "mean", "std", "dtype", "members", "combine", "member_weights", "kind")
+    __slots__ = ("name", "num_classes", "input_size", "mean", "std", "dtype", "members", "combine", "member_weights", "kind", "max_images")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,7 @@ class ModelInfo(_message.Message):
     COMBINE_FIELD_NUMBER: _ClassVar[int]
     MEMBER_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGES_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_classes: int
     input_size: _containers.RepeatedScalarFieldContainer[int]
@@ -102,17 +103,22 @@ class ModelInfo(_message.Message):
     combine: str
     member_weights: _containers.RepeatedScalarFieldContainer[float]
     kind: str
-    def __init__(self, name: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_size: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., dtype: _Optional[str] = ..., members: _Optional[_Iterable[str]] = ..., combine: _Optional[str] = ..., member_weights: _Optional[_Iterable[float]] = ..., kind: _Optional[str] = ...) -> None: ...
+    max_images: int
+    def __init__(self, name: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_size: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., dtype: _Optional[str] = ..., members: _Optional[_Iterable[str]] = ..., combine: _Optional[str] = ..., member_weights: _Optional[_Iterable[float]] = ..., kind: _Optional[str] = ..., max_images: _Optional[int] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_request_bytes", "max_batch_size", "max_queue_images")
+    __slots__ = ("max_request_bytes", "max_batch_size", "max_queue_images", "max_request_images", "max_request_pixels")
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_PIXELS_FIELD_NUMBER: _ClassVar[int]
     max_request_bytes: int
     max_batch_size: int
     max_queue_images: int
-    def __init__(self, max_request_bytes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue_images: _Optional[int] = ...) -> None: ...
+    max_request_images: int
+    max_request_pixels: int
+    def __init__(self, max_request_bytes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue_images: _Optional[int] = ..., max_request_images: _Optional[int] = ..., max_request_pixels: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "limits")

@@ -1,0 +1,99 @@
+"""uvicorn's h11 connection with the two guards uvicorn lacks: a request-head timeout and a
+connection limit. (The body's timeout is `http_api.read_body`'s; an idle keep-alive
+connection is closed by uvicorn's own timeout_keep_alive.)
+
+uvicorn waits forever for a request head that never completes and takes any number of
+connections, so a client holding many half-sent connections could hold the server's sockets.
+Here a head not complete within header_timeout_s (from the connection, or from the head's
+first byte on a kept-alive one) gets 408 `request_timeout` and the connection closes; a
+connection over max_connections gets 503 `not_ready` and closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from teacher_server.shared.errors import NotReady, RequestTimeout, TeacherError, status_of
+
+OVER_LIMIT_RETRY_S = 1
+
+
+def error_bytes(error: TeacherError) -> bytes:
+    """A whole HTTP/1.1 error answer that closes the connection (written before any request)."""
+    status = status_of(error)
+    body = json.dumps(
+        {"error": {"code": status.grpc, "name": status.name, "message": error.message}}
+    ).encode()
+    reason = h11.Response(status_code=status.http, headers=[]).reason.decode() or "Error"
+    head = [
+        f"HTTP/1.1 {status.http} {reason}",
+        "content-type: application/json",
+        f"content-length: {len(body)}",
+        "connection: close",
+    ]
+    if error.retry_after_s is not None:
+        head.append(f"retry-after: {max(1, round(error.retry_after_s))}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def guarded_protocol(*, header_timeout_s: float, max_connections: int) -> type[H11Protocol]:
+    """An H11Protocol class with these limits, for `uvicorn.Config(http=...)`."""
+
+    class GuardedH11Protocol(H11Protocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                error = NotReady(
+                    f"server holds {len(self.connections) - 1} connections "
+                    f"(max_connections {max_connections}); retry later",
+                    retry_after_s=OVER_LIMIT_RETRY_S,
+                )
+                transport.write(error_bytes(error))
+                transport.close()
+                return
+            self._arm_head_timer()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:
+                self._disarm()
+            elif self._head_timer is None:
+                self._arm_head_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._disarm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm_head_timer(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(header_timeout_s, self._head_timed_out)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+                return
+            error = RequestTimeout(
+                f"request head not complete within {header_timeout_s:g}s (header_timeout_s)"
+            )
+            self.transport.write(error_bytes(error))
+            self.transport.close()
+
+    return GuardedH11Protocol

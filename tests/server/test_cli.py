@@ -8,16 +8,21 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
+import msgpack
 import pytest
 import torch
 import yaml
 
 from teacher_server.client import RetryPolicy, TeacherClient
+from teacher_server.shared._proto import teacher_pb2 as pb
+from tests.archives import save_slow
 
 pytestmark = pytest.mark.slow
 
@@ -140,3 +145,120 @@ def test_weights_that_do_not_fit_stop_the_server(tmp_path: Path, teachers: dict[
     )
     assert result.returncode == 1
     assert "does not fit the model" in result.stderr and "small.safetensors" in result.stderr
+
+
+def start_slow_teacher(
+    tmp_path: Path, grace_s: float
+) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """A teacher process serving only a slow model (passes of 4 images), ready."""
+    config = {
+        "server": {"max_batch_size": 4, "shutdown_grace_s": grace_s},
+        "models": [
+            {
+                "name": "slow",
+                "arch": f"file:{save_slow(tmp_path / 'slow.pt', 30)}",
+                "num_classes": 10,
+                "input_size": 8,
+            }
+        ],
+    }
+    (tmp_path / "teacher.yaml").write_text(yaml.safe_dump(config))
+    port_file = tmp_path / "ports.json"
+    process = subprocess.Popen(
+        [
+            str(BIN / "kdserve-teacher"),
+            "--config",
+            str(tmp_path / "teacher.yaml"),
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--port-file",
+            str(port_file),
+        ],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    ports = wait_for_port_file(port_file, process)
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{ports['http_url']}/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "the teacher never became ready"
+        time.sleep(0.05)
+    return process, ports
+
+
+def slow_body(images: int) -> bytes:
+    tensor = torch.zeros(images, 3, 8, 8, dtype=torch.uint8)
+    return msgpack.packb(
+        {
+            "model": "slow",
+            "images": {
+                "dtype": "uint8",
+                "shape": list(tensor.shape),
+                "data": tensor.numpy().tobytes(),
+            },
+        },
+        use_bin_type=True,
+    )
+
+
+def http_infer(ports: dict[str, Any], images: int) -> httpx.Response:
+    return httpx.post(
+        f"{ports['http_url']}/v1/models/slow/infer",
+        content=slow_body(images),
+        headers={"content-type": "application/msgpack"},
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("grace_s", "finished"), [(60.0, True), (0.3, False)], ids=["drained", "cut"]
+)
+def test_sigterm_answers_every_request_then_exits(
+    tmp_path: Path, grace_s: float, finished: bool
+) -> None:
+    """The one shutdown behaviour: new requests get a JSON 503 / UNAVAILABLE at once, the one
+    in flight is computed within the grace period or gets a JSON 503 saying how far it got,
+    then the ports close and the process exits 0 with nothing in its log but the stop."""
+    process, ports = start_slow_teacher(tmp_path, grace_s)
+    try:
+        answers: list[httpx.Response] = []
+        long = threading.Thread(target=lambda: answers.append(http_infer(ports, 100)))
+        long.start()
+        stats_url = f"{ports['http_url']}/v1/stats"
+        while httpx.get(stats_url).json()["models"]["slow"]["executions"] < 2:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+
+        late = http_infer(ports, 1)
+        assert late.status_code == 503, late.text
+        assert late.json()["error"]["name"] == "not_ready"
+        with grpc.insecure_channel(f"127.0.0.1:{ports['grpc_port']}") as channel:
+            body = pb.InferRequest(
+                model="slow",
+                images=pb.Tensor(dtype="uint8", shape=[1, 3, 8, 8], data=bytes(192)),
+            ).SerializeToString()
+            with pytest.raises(grpc.RpcError) as refused:
+                channel.unary_unary("/kdserve.v1.Teacher/Infer", None, None)(body, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        assert dict(refused.value.trailing_metadata())["kdserve-error"] == "not_ready"  # type: ignore[attr-defined]
+
+        long.join(60)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    (answer,) = answers
+    if finished:
+        assert answer.status_code == 200
+    else:
+        assert answer.status_code == 503
+        error = answer.json()["error"]
+        assert error["name"] == "not_ready"
+        assert "of this request's 100 images were started" in error["message"]
+    assert process.returncode == 0, stderr
+    for noise in ("Traceback", "Task exception was never retrieved", "Internal Server Error"):
+        assert noise not in stderr, stderr
+    assert not is_listening(ports["http_port"]) and not is_listening(ports["grpc_port"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from teacher_server.server.config import load_config
+from teacher_server.server.config import ServerConfig, load_config
 from teacher_server.shared.settings import ConfigError
 
 MODEL = {
@@ -142,3 +142,6 @@ def test_the_documented_example_config_is_valid() -> None:
     assert [m.name for m in config.models] == ["resnet8x4", "wrn_40_2"]
     assert config.ensembles[0].combine == "mean_probs"
     assert config.server.cpu_threads() is not None
+    listed = set(yaml.safe_load(example.read_text())["server"]) | {"auth_token"}
+    assert listed == set(ServerConfig.model_fields), "the example lists every server field"
+    assert config.server == ServerConfig(), "the example shows the defaults"

@@ -1,6 +1,7 @@
-"""uvicorn's h11 connection with the two guards uvicorn lacks: a request-head timeout and a
-connection limit. (The body's timeout is `http_api.read_body`'s; an idle keep-alive
-connection is closed by uvicorn's own timeout_keep_alive.)
+"""uvicorn's httptools connection (what `uvicorn[standard]` runs) with the two guards
+uvicorn lacks: a request-head timeout and a connection limit. (The body's timeout is
+`http_api.read_body`'s; an idle keep-alive connection is closed by uvicorn's own
+timeout_keep_alive.)
 
 uvicorn waits forever for a request head that never completes and takes any number of
 connections, so a client holding many half-sent connections could hold the server's sockets.
@@ -13,10 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+from http import HTTPStatus
 from typing import Any
 
-import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from teacher_server.shared.errors import NotReady, RequestTimeout, TeacherError, status_of
 
@@ -29,7 +30,7 @@ def error_bytes(error: TeacherError) -> bytes:
     body = json.dumps(
         {"error": {"code": status.grpc, "name": status.name, "message": error.message}}
     ).encode()
-    reason = h11.Response(status_code=status.http, headers=[]).reason.decode() or "Error"
+    reason = HTTPStatus(status.http).phrase
     head = [
         f"HTTP/1.1 {status.http} {reason}",
         "content-type: application/json",
@@ -41,13 +42,15 @@ def error_bytes(error: TeacherError) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
-def guarded_protocol(*, header_timeout_s: float, max_connections: int) -> type[H11Protocol]:
-    """An H11Protocol class with these limits, for `uvicorn.Config(http=...)`."""
+def guarded_protocol(*, header_timeout_s: float, max_connections: int) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools connection class with these limits, for `uvicorn.Config(http=...)`."""
 
-    class GuardedH11Protocol(H11Protocol):
+    class GuardedHttpToolsProtocol(HttpToolsProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._head_timer: asyncio.TimerHandle | None = None
+            self._heads_begun = 0
+            self._heads_done = 0
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -60,24 +63,28 @@ def guarded_protocol(*, header_timeout_s: float, max_connections: int) -> type[H
                 transport.write(error_bytes(error))
                 transport.close()
                 return
-            self._arm_head_timer()
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._heads_begun += 1
+
+        def on_headers_complete(self) -> None:
+            self._heads_done += 1
+            super().on_headers_complete()
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
-            if self.conn.their_state is not h11.IDLE:
+            if self._heads_begun == self._heads_done:
                 self._disarm()
             elif self._head_timer is None:
-                self._arm_head_timer()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._disarm()
+                self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
             super().connection_lost(exc)
 
-        def _arm_head_timer(self) -> None:
+        def _arm(self) -> None:
             self._disarm()
             self._head_timer = self.loop.call_later(header_timeout_s, self._head_timed_out)
 
@@ -88,7 +95,8 @@ def guarded_protocol(*, header_timeout_s: float, max_connections: int) -> type[H
 
         def _head_timed_out(self) -> None:
             self._head_timer = None
-            if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            waiting = self._heads_begun > self._heads_done or self._heads_done == 0
+            if self.transport.is_closing() or not waiting:
                 return
             error = RequestTimeout(
                 f"request head not complete within {header_timeout_s:g}s (header_timeout_s)"
@@ -96,4 +104,4 @@ def guarded_protocol(*, header_timeout_s: float, max_connections: int) -> type[H
             self.transport.write(error_bytes(error))
             self.transport.close()
 
-    return GuardedH11Protocol
+    return GuardedHttpToolsProtocol

@@ -352,6 +352,25 @@ def test_a_request_head_that_never_ends_times_out(guarded: ServerThread) -> None
     assert "header_timeout_s" in error["error"]["message"]
 
 
+def test_a_kept_alive_connection_idle_between_requests_is_not_timed_out(
+    guarded: ServerThread,
+) -> None:
+    """Only a head that has begun (or a fresh connection) is timed; idle keep-alive is not."""
+    body = msgpack.packb(fields(random_images(1)), use_bin_type=True)
+    with raw_connection(guarded) as sock:
+        for _ in range(2):
+            sock.sendall(infer_head(guarded, len(body)) + body)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(65536)
+            head, _, rest = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            while len(rest) < length:
+                rest += sock.recv(65536)
+            time.sleep(1.0)  # twice header_timeout_s, under the keep-alive timeout
+
+
 def test_connections_over_the_limit_are_503_and_the_rest_keep_serving(
     guarded: ServerThread,
 ) -> None:

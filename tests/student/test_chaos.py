@@ -1,0 +1,258 @@
+"""Chaos: the teacher process is SIGKILLed mid-run and restarted on the same ports.
+
+The student waits it out (`RetryPolicy.patient()`) and finishes exactly the run it would have
+trained without the outage: the same steps, the same losses, the same weights, bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from student_worker.checkpoint import load_checkpoint
+from student_worker.runlog import RunLog
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+BATCH_SIZE = 16
+TOTAL_STEPS = 60
+KILL_AFTER_STEP = 4
+TIMING_FIELDS = ("images_per_s", "teacher_ms")
+UNAVAILABLE = "teacher unavailable"
+ANSWERED_AGAIN = "teacher answered"
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports free now (all held at once, so never the same twice)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    what: str,
+    *watched: subprocess.Popen[bytes],
+    timeout_s: float = 120,
+) -> None:
+    """Poll `condition()` until it is true; fail if a watched process exits first."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        for process in watched:
+            assert process.poll() is None, f"exited {process.returncode} before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+class Teacher:
+    """`kdserve-teacher` as a process on fixed ports, which can be killed and started again."""
+
+    def __init__(self, root: Path, weights: Path) -> None:
+        self.root = root
+        self.http_port, self.grpc_port = free_ports(2)
+        config = {
+            "server": {
+                "http_port": self.http_port,
+                "grpc_port": self.grpc_port,
+                # One request per pass: an answer does not depend on what it was batched with.
+                "max_batch_size": BATCH_SIZE,
+                "threads_per_replica": 1,
+            },
+            "models": [
+                {
+                    "name": "small",
+                    "arch": "kdserve:resnet8",
+                    "weights": str(weights),
+                    "num_classes": 10,
+                    "input_size": 32,
+                }
+            ],
+        }
+        self.config = root / "teacher.yaml"
+        self.config.write_text(yaml.safe_dump(config))
+        self.port_file = root / "ports.json"
+        self.starts = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def url(self, transport: str) -> str:
+        port = self.http_port if transport == "http" else self.grpc_port
+        return f"{transport}://127.0.0.1:{port}"
+
+    def start(self) -> None:
+        self.port_file.unlink(missing_ok=True)
+        self.starts += 1
+        with open(self.root / f"teacher-{self.starts}.log", "wb") as log:
+            self.process = subprocess.Popen(
+                [
+                    str(BIN / "kdserve-teacher"),
+                    "--config",
+                    str(self.config),
+                    "--port-file",
+                    str(self.port_file),
+                ],
+                env=ENV,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_until(self.port_file.exists, "the teacher to listen", self.process)
+        ports = json.loads(self.port_file.read_text())
+        assert (ports["http_port"], ports["grpc_port"]) == (self.http_port, self.grpc_port)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        assert self.process.wait(timeout=30) == -signal.SIGKILL
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def teacher(tmp_path: Path, teachers: dict[str, Any]) -> Iterator[Teacher]:
+    served = Teacher(tmp_path, teachers["root"] / "small.safetensors")
+    served.start()
+    try:
+        yield served
+    finally:
+        served.stop()
+
+
+def start_student(url: str, out: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """A `kdserve-student` KD run of TOTAL_STEPS steps; its stdout and stderr go to a file."""
+    log_path = out.with_suffix(".log")
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [
+                str(BIN / "kdserve-student"),
+                "--teacher",
+                url,
+                "--teacher-model",
+                "small",
+                "--loss",
+                "kd",
+                "--batch-size",
+                str(BATCH_SIZE),
+                "--max-steps",
+                str(TOTAL_STEPS),
+                "--threads",
+                "1",
+                "--device",
+                "cpu",
+                "--output-dir",
+                str(out),
+            ],
+            env=ENV,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return process, log_path
+
+
+def finish(process: subprocess.Popen[bytes], log: Path) -> None:
+    try:
+        returncode = process.wait(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert returncode == 0, log.read_text()
+
+
+def steps_logged(out: Path) -> list[int]:
+    log = RunLog(out)
+    return [r["step"] for r in log.records("train")] if log.exists() else []
+
+
+def comparable(out: Path) -> list[str]:
+    """Every record but its timings, as JSON (so a NaN metric equals a NaN metric)."""
+    return [
+        json.dumps({k: v for k, v in r.items() if k not in TIMING_FIELDS}, sort_keys=True)
+        for r in RunLog(out).records()
+    ]
+
+
+def checkpoint_leaves(out: Path) -> dict[str, Any]:
+    """The run's final checkpoint (weights, optimizer, scheduler, RNG, config) flattened to
+    {path: tensor or value}, less the output directory, the one thing two runs may differ in."""
+    leaves: dict[str, Any] = {}
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{path}/{key}" if path else str(key))
+        elif isinstance(node, list | tuple):
+            for index, value in enumerate(node):
+                walk(value, f"{path}/{index}")
+        else:
+            leaves[path] = node
+
+    state = load_checkpoint(out)
+    del state["config"]["output_dir"]
+    walk(state, "")
+    return leaves
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_student_outlives_a_killed_teacher_and_trains_the_same_run(
+    teacher: Teacher, tmp_path: Path, transport: str
+) -> None:
+    url = teacher.url(transport)
+    reference_out = tmp_path / "reference"
+    reference, reference_log = start_student(url, reference_out)
+    finish(reference, reference_log)
+    assert UNAVAILABLE not in reference_log.read_text()
+
+    chaos_out = tmp_path / "chaos"
+    student, student_log = start_student(url, chaos_out)
+    try:
+        wait_until(lambda: KILL_AFTER_STEP in steps_logged(chaos_out), "the first steps", student)
+        teacher.kill()
+        steps_at_kill = steps_logged(chaos_out)
+        wait_until(lambda: UNAVAILABLE in student_log.read_text(), "the student to notice", student)
+        steps_at_restart = steps_logged(chaos_out)
+        teacher.start()
+        finish(student, student_log)
+    finally:
+        if student.poll() is None:
+            student.kill()
+            student.wait()
+
+    # Killed and restarted mid-run: the student waited for the teacher and was answered again.
+    assert steps_at_kill[-1] < TOTAL_STEPS and steps_at_restart[-1] < TOTAL_STEPS
+    output = student_log.read_text()
+    assert ANSWERED_AGAIN in output and output.index(UNAVAILABLE) < output.index(ANSWERED_AGAIN)
+
+    assert steps_logged(chaos_out) == list(range(1, TOTAL_STEPS + 1))
+    assert steps_logged(chaos_out) == steps_logged(reference_out)
+    assert comparable(chaos_out) == comparable(reference_out)
+    survived, uninterrupted = checkpoint_leaves(chaos_out), checkpoint_leaves(reference_out)
+    assert survived["step"] == uninterrupted["step"] == TOTAL_STEPS
+    assert survived.keys() == uninterrupted.keys()
+    for path, value in uninterrupted.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(survived[path], value), path
+        else:
+            assert survived[path] == value, path

@@ -54,6 +54,7 @@ class ServerConfig(_Strict):
     body_timeout_s: float = Field(30.0, gt=0)
     max_connections: int = Field(1024, ge=1)
     shutdown_grace_s: float = Field(10.0, ge=0)
+    heap_trim_mib: int = Field(32, ge=0)
     auth_token: SecretStr | None = None
 
     @field_validator("device")

@@ -39,7 +39,7 @@ async def abort(context: Context, error: TeacherError) -> None:
     )
 
 
-def _authorization(context: Context) -> str | None:
+def authorization(context: Context) -> str | None:
     for key, value in context.invocation_metadata() or ():
         if key == "authorization":
             return value if isinstance(value, str) else value.decode()
@@ -54,7 +54,7 @@ class TeacherService:
 
     async def infer(self, body: bytes, context: Context) -> bytes:
         try:
-            self.lifecycle.authorize(_authorization(context))
+            self.lifecycle.authorize(authorization(context))
             self.lifecycle.check_size(len(body))
             decode = partial(wire.request_from_protobuf, body)
             result = await self.lifecycle.infer(decode, timeout_s=context.time_remaining())
@@ -65,7 +65,7 @@ class TeacherService:
 
     async def list_models(self, body: bytes, context: Context) -> bytes:
         try:
-            self.lifecycle.authorize(_authorization(context))
+            self.lifecycle.authorize(authorization(context))
         except TeacherError as error:
             await abort(context, error)
             raise AssertionError("unreachable: abort raises") from error

@@ -9,13 +9,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from functools import partial
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.registry import Collector
 
 from teacher_server import __version__
 from teacher_server.server.lifecycle import Lifecycle
@@ -39,14 +45,20 @@ MSGPACK_TYPES = frozenset(
 def error_response(error: TeacherError) -> JSONResponse:
     """The one mapping from a TeacherError to an HTTP answer."""
     status = status_of(error)
+    body = {"error": {"code": status.grpc, "name": status.name, "message": error.message}}
+    return JSONResponse(body, status_code=status.http, headers=error_headers(error))
+
+
+def error_headers(error: TeacherError) -> dict[str, str]:
+    """The headers of an error answer: the retry hint, and `connection: close` after a
+    request that arrived too slowly."""
     headers = {}
     if error.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
         headers[wire.RETRY_AFTER_KEY] = wire.retry_after_ms(error.retry_after_s)
     if isinstance(error, RequestTimeout):
         headers["connection"] = "close"
-    body = {"error": {"code": status.grpc, "name": status.name, "message": error.message}}
-    return JSONResponse(body, status_code=status.http, headers=headers)
+    return headers
 
 
 async def read_body(request: Request, lifecycle: Lifecycle) -> bytes:
@@ -86,7 +98,7 @@ def _timeout_s(request: Request) -> float | None:
     return timeout_ms / 1000.0
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
     """Await `work`, or cancel it when the client hangs up first (its queued images are dropped)."""
     task = asyncio.ensure_future(work)
     hangup = asyncio.ensure_future(_disconnected(request))
@@ -110,9 +122,9 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def create_http_app(lifecycle: Lifecycle) -> FastAPI:
+def create_http_app(lifecycle: Lifecycle, collectors: Iterable[Collector] = ()) -> FastAPI:
     """The FastAPI app of one teacher server; with a token, no /docs or /openapi.json (they
-    cannot ask for one)."""
+    cannot ask for one). /metrics adds `collectors` and the process's own (RSS, CPU, fds)."""
     public_docs = lifecycle.config.server.auth_token is None
     app = FastAPI(
         title="kdserve teacher",
@@ -123,6 +135,9 @@ def create_http_app(lifecycle: Lifecycle) -> FastAPI:
     )
     metrics_registry = CollectorRegistry(auto_describe=True)
     metrics_registry.register(StatsCollector(lifecycle.model_stats))
+    ProcessCollector(registry=metrics_registry)
+    for collector in collectors:
+        metrics_registry.register(collector)
 
     @app.exception_handler(TeacherError)
     async def _teacher_error(_: Request, error: TeacherError) -> JSONResponse:
@@ -139,7 +154,7 @@ def create_http_app(lifecycle: Lifecycle) -> FastAPI:
         body = await read_body(request, lifecycle)
         decode = partial(wire.request_from_msgpack, body, path_model=name)
         answer = lifecycle.infer(decode, timeout_s=_timeout_s(request))
-        result = await _unless_disconnected(request, answer)
+        result = await unless_disconnected(request, answer)
         if result is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return Response(wire.result_to_msgpack(result), media_type=wire.MSGPACK_CONTENT_TYPE)

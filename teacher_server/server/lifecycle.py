@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from teacher_server.server.batcher import Job
 from teacher_server.server.config import TeacherConfig
@@ -39,6 +39,7 @@ from teacher_server.shared.errors import (
     Unauthenticated,
 )
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 OUTCOMES: dict[type[TeacherError], str] = {
     QueueFull: "queue_full",
@@ -114,6 +115,14 @@ class Lifecycle:
             if self._in_flight == 0:
                 self._idle.set()
 
+    def decoded(self, decode: Callable[[], T]) -> T:
+        """Run a transport's decoder; an invalid request is counted against the model it named."""
+        try:
+            return decode()
+        except InvalidRequest as error:
+            self.registry.record_invalid(error.model)
+            raise
+
     @property
     def in_flight(self) -> int:
         """Requests being answered now (decoded or not)."""
@@ -131,11 +140,7 @@ class Lifecycle:
         self, decode: Callable[[], InferRequest], timeout_s: float | None
     ) -> InferResult:
         received = time.monotonic()
-        try:
-            request = decode()
-        except InvalidRequest as error:
-            self.registry.record_invalid(error.model)
-            raise
+        request = self.decoded(decode)
         target = self.registry.get(request.model)
         try:
             result = await self._infer(target, request, received, timeout_s)

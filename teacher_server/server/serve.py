@@ -27,6 +27,7 @@ from teacher_server.server.grpc_api import create_grpc_server, set_serving
 from teacher_server.server.http_api import create_http_app
 from teacher_server.server.http_protocol import guarded_protocol
 from teacher_server.server.lifecycle import Lifecycle
+from teacher_server.server.memory import HeapTrimmer, start_heap_trimmer
 from teacher_server.server.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -81,13 +82,17 @@ class TeacherServer:
         self._grpc: grpc.aio.Server | None = None
         self._health: Any = None
         self._load_task: asyncio.Task[None] | None = None
+        self._trimmer: HeapTrimmer | None = None
         self.endpoints: Endpoints | None = None
 
     async def start(self) -> Endpoints:
         server = self.config.server
         sock = _listening_socket(server.host, server.http_port)
+        if server.heap_trim_mib and self._trimmer is None:
+            self._trimmer = start_heap_trimmer(slack_bytes=server.heap_trim_mib * 2**20)
+        http_app = create_http_app(self.lifecycle, [self._trimmer] if self._trimmer else [])
         uv_config = uvicorn.Config(
-            create_http_app(self.lifecycle),
+            http_app,
             http=guarded_protocol(
                 header_timeout_s=server.header_timeout_s, max_connections=server.max_connections
             ),
@@ -107,6 +112,8 @@ class TeacherServer:
         except RuntimeError as exc:
             self._http.should_exit = True
             await self._http_task
+            if self._trimmer is not None:
+                self._trimmer.stop()
             raise OSError(f"cannot bind gRPC to {server.host}:{server.grpc_port}: {exc}") from exc
         await set_serving(self._health, False)
         await self._grpc.start()
@@ -174,6 +181,8 @@ class TeacherServer:
         await asyncio.to_thread(self.registry.close)
         await self.lifecycle.wait_idle(CLOSE_ANSWER_S)
         await asyncio.gather(self._stop_grpc(CLOSE_ANSWER_S), self._stop_http())
+        if self._trimmer is not None:
+            self._trimmer.stop()
 
     async def _stop_grpc(self, grace_s: float) -> None:
         if self._grpc is not None:

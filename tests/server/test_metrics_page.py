@@ -7,6 +7,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from teacher_server.client import TeacherClient
+from teacher_server.server.memory import glibc_malloc_trim
 from teacher_server.server.serve import ServerThread
 from teacher_server.shared.errors import InvalidRequest
 from tests.helpers import AUTH, random_images
@@ -21,6 +22,8 @@ FAMILIES = {
     "kdserve_inference_requests": "counter",
     "kdserve_pending_images": "gauge",
 }
+HEAP = {"kdserve_heap_trims": "counter", "kdserve_heap_trimmed_bytes": "counter"}
+PROCESS = {"process_resident_memory_bytes": "gauge", "process_cpu_seconds": "counter"}
 
 
 def test_every_family_with_its_labels_for_every_served_name(server: ServerThread) -> None:
@@ -31,6 +34,13 @@ def test_every_family_with_its_labels_for_every_served_name(server: ServerThread
     page = httpx.get(f"{server.endpoints.http_url}/metrics")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain")
     families = {family.name: family for family in text_string_to_metric_families(page.text)}
+    types = {name: family.type for name, family in families.items()}
+    assert PROCESS.items() <= types.items()
+    heap = HEAP if glibc_malloc_trim() is not None else {}  # the trimmer runs on glibc only
+    assert {k: v for k, v in types.items() if k.startswith("kdserve_heap_")} == heap
+    assert all(families[name].samples[0].value >= 0 for name in heap)
+    families = {k: v for k, v in families.items() if k.startswith("kdserve_")}
+    families = {k: v for k, v in families.items() if k not in HEAP}
     assert {name: family.type for name, family in families.items()} == FAMILIES
     for name, family in families.items():
         models = {sample.labels["model"] for sample in family.samples}

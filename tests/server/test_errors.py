@@ -248,25 +248,26 @@ def test_full_queue_is_429_with_retry_hint(strict_server: ServerThread) -> None:
 
 
 def test_expired_request_is_504_and_never_computed(strict_server: ServerThread) -> None:
-    busy = occupy_slow_model(strict_server, 60)
+    fields = {"model": "slow", "images": tensor_map(torch.zeros(4, 3, 8, 8, dtype=torch.uint8))}
+    before = model_stats(strict_server)["slow"]
+    busy = occupy_slow_model(strict_server, 60)  # each transport behind its own busy request
     try:
-        before = model_stats(strict_server)["slow"]
-        fields = {
-            "model": "slow",
-            "images": tensor_map(torch.zeros(4, 3, 8, 8, dtype=torch.uint8)),
-        }
         response = post(
             strict_server, fields, model="slow", headers={"x-request-timeout-ms": "150"}
         )
         assert response.status_code == 504, response.text
+    finally:
+        busy.join()
+    busy = occupy_slow_model(strict_server, 60)
+    try:
         assert grpc_status(strict_server, fields, timeout=0.15) == grpc.StatusCode.DEADLINE_EXCEEDED
     finally:
         busy.join()
     after = model_stats(strict_server)["slow"]
     assert (
         after["requests"]["deadline_exceeded"] - before["requests"].get("deadline_exceeded", 0) >= 1
-    )
-    assert after["executed_images"] - before["executed_images"] <= 60, (
+    )  # the gRPC call's own deadline may pass first: the server then counts it cancelled
+    assert after["executed_images"] - before["executed_images"] <= 120, (
         "an expired request was computed"
     )
     assert_still_serving(strict_server)

@@ -35,8 +35,7 @@ lint: setup
 	$(VENV)/bin/mypy teacher_server student_worker
 
 protos: setup
-	$(PY) -m grpc_tools.protoc -Iteacher_server/shared/_proto=protos --python_out=. --pyi_out=. \
-		--grpc_python_out=. protos/teacher.proto
+	$(PY) protos/generate.py
 
 lock:  # needs uv in the venv (the dev extra has it): run after `make setup`
 	$(UV_COMPILE) requirements/cpu.txt $(TORCH_CPU_WHEELS) -o requirements/cpu.lock.txt

@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from teacher_server.server.lifecycle import Lifecycle
-from teacher_server.shared import wire
+from teacher_server.shared import oip, wire
 from teacher_server.shared.errors import TeacherError, status_of
 
 SERVICE_NAME = "kdserve.v1.Teacher"
@@ -92,11 +92,11 @@ def create_grpc_server(lifecycle: Lifecycle) -> tuple[grpc.aio.Server, Any]:
 
 
 async def set_serving(health_servicer: Any, serving: bool) -> None:
-    """Mark the overall server and the Teacher service SERVING or NOT_SERVING."""
+    """Mark the overall server, the Teacher and the v2 inference services SERVING or not."""
     status = (
         health_pb2.HealthCheckResponse.SERVING
         if serving
         else health_pb2.HealthCheckResponse.NOT_SERVING
     )
-    for service in ("", SERVICE_NAME):
+    for service in ("", SERVICE_NAME, oip.GRPC_SERVICE):
         await health_servicer.set(service, status)

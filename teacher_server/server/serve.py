@@ -28,6 +28,8 @@ from teacher_server.server.http_api import create_http_app
 from teacher_server.server.http_protocol import guarded_protocol
 from teacher_server.server.lifecycle import Lifecycle
 from teacher_server.server.memory import HeapTrimmer, start_heap_trimmer
+from teacher_server.server.oip_grpc import oip_methods
+from teacher_server.server.oip_http import create_oip_router
 from teacher_server.server.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,7 @@ class TeacherServer:
         if server.heap_trim_mib and self._trimmer is None:
             self._trimmer = start_heap_trimmer(slack_bytes=server.heap_trim_mib * 2**20)
         http_app = create_http_app(self.lifecycle, [self._trimmer] if self._trimmer else [])
+        http_app.include_router(create_oip_router(self.lifecycle))
         uv_config = uvicorn.Config(
             http_app,
             http=guarded_protocol(
@@ -105,6 +108,7 @@ class TeacherServer:
         self._http = _EmbeddedUvicorn(uv_config)
         self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
         self._grpc, self._health = create_grpc_server(self.lifecycle)
+        self._grpc.add_generic_rpc_handlers((oip_methods(self.lifecycle),))
         try:
             grpc_port = self._grpc.add_insecure_port(
                 f"{_grpc_host(server.host)}:{server.grpc_port}"

@@ -1,18 +1,21 @@
-"""Fuzzing both transports: a mutated valid request gets finite tensors or an error of the table.
+"""Fuzzing every transport: a mutated valid request gets finite tensors or an error of the table.
 
 Hypothesis draws a valid request (a model or an ensemble, 1 to 16 images of 1 to 64 pixels a
 side in any image dtype, maybe a mix, a temperature, an output, a dtype, a top_k), mutates it
 (fields dropped or given values of other types, odd dtype names, odd and reshaped shapes, cut,
 padded or flipped tensor bytes, flipped, cut or extended bytes of the whole encoded body,
 unknown models, mix, top_k, output and temperature values out of range, odd HTTP timeouts)
-and sends it to the shared server, as msgpack over HTTP and as protobuf over gRPC. Every
-answer must be a 2xx whose tensors are finite, or an error of the error table (HTTP 4xx with
-its JSON body; a gRPC code other than INTERNAL and UNKNOWN with the `kdserve-error` name); an
-unmutated request must be answered; the server logs no error and no traceback; and a valid
-request still succeeds after each example. Inputs once reported to fail are always tried.
+and sends it to the shared server four ways: as msgpack over HTTP, as protobuf over gRPC,
+and in the Open Inference Protocol (the same values as v2 inputs and parameters: REST with
+binary tensors, gRPC ModelInferRequest with raw contents). Every answer must be a 2xx whose
+tensors are finite, or an error of the error table (HTTP 4xx with its JSON body, v2's
+`{"error": message}`; a gRPC code other than INTERNAL and UNKNOWN with the `kdserve-error`
+name); an unmutated request must be answered; the server logs no error and no traceback; and
+a valid request still succeeds after each example. Inputs once reported to fail are always
+tried.
 
-CI runs a fixed set of examples (derandomized, no example database): about a minute for both
-transports on two cores. For a longer local run with fresh random examples, set the number
+CI runs a fixed set of examples (derandomized, no example database): about half a minute per
+transport on two cores. For a longer local run with fresh random examples, set the number
 of examples per transport: `KDSERVE_FUZZ_EXAMPLES=20000 pytest tests/server/test_fuzz.py`
 (about 15 ms an example).
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import math
 import os
@@ -39,7 +43,8 @@ from hypothesis import HealthCheck, currently_in_test_context, event, given, not
 from hypothesis import strategies as st
 
 from teacher_server.server.serve import ServerThread
-from teacher_server.shared import wire
+from teacher_server.shared import oip, wire
+from teacher_server.shared._proto import grpc_predict_v2_pb2 as v2
 from teacher_server.shared._proto import teacher_pb2 as pb
 from teacher_server.shared.contract import IMAGE_DTYPES, MIX_MODES, OUTPUT_DTYPES, OUTPUTS
 from teacher_server.shared.errors import ERROR_TABLE
@@ -70,6 +75,8 @@ MODELS = ("small", "wide", "pair_logits", "pair_probs")
 NUM_CLASSES = 10
 ROWS = {row.name: row for row in ERROR_TABLE.values()}
 SERVER_FAULTS = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+TRANSPORTS = ["http", "grpc", "v2_rest", "v2_grpc"]
+"""Our protocol's two transports and the Open Inference Protocol's (REST binary, gRPC)."""
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(max(300, EXAMPLES // 10))]
 
 # ---- valid requests -----------------------------------------------------------------------
@@ -372,6 +379,143 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+# ---- the same request in the Open Inference Protocol, whatever its values' types ---------
+
+V2_TYPES = {"uint8": "UINT8", "float16": "FP16", "bfloat16": "BF16", "float32": "FP32"}
+V2_OUTPUT_TYPES = {"float32": "FP32", "float16": "FP16"}
+
+
+def v2_parts(fields: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], list[dict[str, Any]]]:
+    """(model, id, parameters, inputs) of a v2 request carrying `fields`: each value where the
+    protocol puts it (images and mix perm / box as inputs, the rest as request parameters),
+    mutated values kept as they are; an input's `data` is bytes (binary) or any value."""
+    parameters: dict[str, Any] = {}
+    for name in ("temperature", "output", "top_k", "unknown"):
+        if name in fields:
+            parameters[name] = fields[name]
+    if "output_dtype" in fields:
+        value = fields["output_dtype"]
+        parameters["output_dtype"] = (
+            V2_OUTPUT_TYPES.get(value, value) if isinstance(value, str) else value
+        )
+    inputs: list[dict[str, Any]] = []
+    images = fields.get("images")
+    if isinstance(images, dict):
+        dtype = images.get("dtype")
+        inputs.append(
+            {
+                "name": "images",
+                "datatype": V2_TYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype,
+                "shape": images.get("shape"),
+                "data": images.get("data"),
+            }
+        )
+    elif images is not None:
+        inputs.append({"name": "images", "datatype": "UINT8", "shape": [1], "data": images})
+    mix = fields.get("mix")
+    if isinstance(mix, dict):
+        if "mode" in mix:
+            parameters["mix"] = mix["mode"]
+        if "lam" in mix:
+            parameters["mix_lam"] = mix["lam"]
+        for key, name in (("perm", "mix_perm"), ("box", "mix_box")):
+            value = mix.get(key)
+            if isinstance(value, list) and all(type(v) is int for v in value):
+                data = b"".join(struct.pack("<Q", v % 2**64) for v in value)
+                inputs.append(
+                    {"name": name, "datatype": "INT64", "shape": [len(value)], "data": data}
+                )
+            elif key in mix:
+                inputs.append({"name": name, "datatype": "INT64", "shape": [1], "data": value})
+    elif mix is not None:
+        parameters["mix"] = mix
+    return fields.get("model"), fields.get("request_id"), parameters, inputs
+
+
+def _json_able(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return list(value)
+    if isinstance(value, dict):
+        return {str(k): _json_able(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_able(v) for v in value]
+    return value
+
+
+def v2_rest_body(fields: dict[str, Any]) -> tuple[bytes, int]:
+    """Triton's binary-tensor form: bytes data travel after the JSON header."""
+    _, request_id, parameters, inputs = v2_parts(fields)
+    header: dict[str, Any] = {"inputs": []}
+    blobs = []
+    for tensor in inputs:
+        item = {k: _json_able(v) for k, v in tensor.items() if k != "data" and v is not None}
+        if isinstance(tensor["data"], bytes):
+            item["parameters"] = {"binary_data_size": len(tensor["data"])}
+            blobs.append(tensor["data"])
+        elif tensor["data"] is not None:
+            item["data"] = _json_able(tensor["data"])
+        header["inputs"].append(item)
+    header["parameters"] = {"binary_data_output": True, **_json_able(parameters)}
+    if request_id is not None:
+        header["id"] = _json_able(request_id)
+    head = json.dumps(header).encode()
+    return head + b"".join(blobs), len(head)
+
+
+def _parameter(message: Any, value: Any) -> None:
+    if isinstance(value, bool):
+        message.bool_param = value
+    elif isinstance(value, int) and -(2**63) <= value < 2**63:
+        message.int64_param = value
+    elif isinstance(value, int) and 0 <= value < 2**64:
+        message.uint64_param = value
+    elif isinstance(value, float):
+        message.double_param = value
+    elif isinstance(value, str):
+        message.string_param = value
+    else:
+        message.string_param = repr(value)
+
+
+def v2_grpc_body(fields: dict[str, Any]) -> bytes:
+    """A ModelInferRequest with raw contents; values of a type the message cannot hold are
+    written as their repr (a string) or left out."""
+    model, request_id, parameters, inputs = v2_parts(fields)
+    message = v2.ModelInferRequest(
+        model_name=model if isinstance(model, str) else repr(model),
+        id=request_id if isinstance(request_id, str) else "",
+    )
+    for key, value in parameters.items():
+        _parameter(message.parameters[key], value)
+    for tensor in inputs:
+        shape = tensor["shape"]
+        ints = isinstance(shape, list) and all(type(d) is int and abs(d) < 2**63 for d in shape)
+        datatype = tensor["datatype"]
+        message.inputs.add(
+            name=tensor["name"],
+            datatype=datatype if isinstance(datatype, str) else repr(datatype),
+            shape=shape if ints else [],
+        )
+        data = tensor["data"]
+        message.raw_input_contents.append(data if isinstance(data, bytes) else b"")
+    return message.SerializeToString()
+
+
+def send_v2_rest(transports: Transports, case: Case, fields: dict[str, Any]) -> str | None:
+    body, header_length = v2_rest_body(fields)
+    if case.body_edit is not None:
+        body = edited_bytes(body, *case.body_edit)
+    model = fields.get("model")
+    if case.url_model is not None:
+        model = case.url_model
+    elif not isinstance(model, str) or not model:
+        model = "small"
+    path = f"/v2/models/{urllib.parse.quote(model, safe='')}/infer"
+    headers = {oip.HEADER_LENGTH: str(min(header_length, len(body)))}
+    response = transports.http.post(path, content=body, headers=headers)
+    return assert_v2_rest_answer(response)
+
+
 # ---- answers ------------------------------------------------------------------------------
 
 
@@ -418,6 +562,61 @@ def assert_grpc_answer(infer: Any, body: bytes) -> str | None:
     return None
 
 
+def assert_v2_finite(outputs: list[tuple[str, str, list[int], bytes]]) -> None:
+    dtypes = {"FP32": torch.float32, "FP16": torch.float16, "INT32": torch.int32}
+    for name, datatype, shape, data in outputs:
+        tensor = torch.frombuffer(bytearray(data), dtype=dtypes[datatype]).view(shape)
+        if name == "top_k_indices":
+            assert bool(((tensor >= 0) & (tensor < NUM_CLASSES)).all()), tensor
+        else:
+            assert bool(torch.isfinite(tensor).all()), f"{name} not finite: {tensor}"
+
+
+def assert_v2_rest_answer(response: httpx.Response) -> str | None:
+    """2xx with finite tensors (None), or a 4xx with the protocol's `{"error": message}`."""
+    if response.is_success:
+        size = int(response.headers.get(oip.HEADER_LENGTH, len(response.content)))
+        header = json.loads(response.content[:size])
+        outputs, offset = [], size
+        for out in header["outputs"]:
+            if "data" in out:  # a JSON answer (binary_data_output was mutated)
+                assert all(math.isfinite(v) for v in out["data"]), out
+                continue
+            length = out["parameters"]["binary_data_size"]
+            data = response.content[offset : offset + length]
+            outputs.append((out["name"], out["datatype"], out["shape"], data))
+            offset += length
+        assert_v2_finite(outputs)
+        return None
+    answer = f"HTTP {response.status_code}: {response.text[:500]}"
+    assert 400 <= response.status_code < 500, answer
+    error = response.json()["error"]
+    assert isinstance(error, str) and error, answer
+    return f"v2 {response.status_code}: {error}"
+
+
+def assert_v2_grpc_answer(infer: Any, body: bytes) -> str | None:
+    """OK with finite tensors (None), or a code of the error table with its name."""
+    try:
+        answer = infer(body, metadata=GRPC_AUTH, timeout=CALL_TIMEOUT_S)
+    except grpc.RpcError as error:
+        code = error.code()
+        details = f"gRPC {code.name}: {error.details()}"
+        assert code not in SERVER_FAULTS, details
+        trailing: Any = error.trailing_metadata()
+        name = dict(trailing or ()).get(wire.ERROR_NAME_KEY)
+        assert name in ROWS and ROWS[name].grpc == code.name, f"{details} (name {name!r})"
+        return f"{name}: {error.details()}"
+    message = v2.ModelInferResponse.FromString(answer)
+    assert_v2_finite(
+        [
+            (out.name, out.datatype, list(out.shape), raw)
+            for out, raw in zip(message.outputs, message.raw_output_contents, strict=True)
+        ]
+    )
+    return None
+
+
 class ServerLog(logging.Handler):
     """The log records emitted while it is attached (the server runs in this process)."""
 
@@ -450,6 +649,7 @@ class ServerLog(logging.Handler):
 class Transports:
     http: httpx.Client
     infer: Any
+    v2_infer: Any
 
 
 @pytest.fixture(scope="module")
@@ -461,7 +661,12 @@ def transports(server: ServerThread) -> Iterator[Transports]:
         ) as http,
         grpc.insecure_channel(f"127.0.0.1:{server.endpoints.grpc_port}") as channel,
     ):
-        yield Transports(http, channel.unary_unary(INFER_METHOD, None, None))
+        v2_method = f"/{oip.GRPC_SERVICE}/ModelInfer"
+        yield Transports(
+            http,
+            channel.unary_unary(INFER_METHOD, None, None),
+            channel.unary_unary(v2_method, None, None),
+        )
 
 
 LIVENESS = Case(SMALL_IMAGE, [], None)
@@ -472,6 +677,13 @@ def send(transports: Transports, transport: str, case: Case) -> str | None:
     fields = request_fields(case)
     if currently_in_test_context():
         note(f"{transport} request: {preview_fields(fields)}")
+    if transport == "v2_rest":
+        return send_v2_rest(transports, case, fields)
+    if transport == "v2_grpc":
+        body = v2_grpc_body(fields)
+        if case.body_edit is not None:
+            body = edited_bytes(body, *case.body_edit)
+        return assert_v2_grpc_answer(transports.v2_infer, body)
     if transport == "grpc":
         body = protobuf_body(fields)
         if not case.mutations:
@@ -497,7 +709,7 @@ def send(transports: Transports, transport: str, case: Case) -> str | None:
     return assert_http_answer(response, timed=case.timeout_ms is not None)
 
 
-@pytest.mark.parametrize("transport", ["http", "grpc"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @FUZZ
 @given(case=cases())
 def test_mutated_requests_get_finite_tensors_or_a_table_error(
@@ -508,7 +720,7 @@ def test_mutated_requests_get_finite_tensors_or_a_table_error(
     event("answered" if refusal is None else refusal.split(":")[0])
 
 
-@pytest.mark.parametrize("transport", ["http", "grpc"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("case", KNOWN_CASES, ids=lambda case: repr(case.mutations[0][1:]))
 def test_inputs_that_once_failed(transports: Transports, transport: str, case: Case) -> None:
     answered_and_still_serving(transports, transport, case)

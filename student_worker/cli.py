@@ -26,6 +26,13 @@ def train_parser() -> argparse.ArgumentParser:
         "--teacher", action="append", help="teacher endpoint(s), e.g. grpc://host:50051"
     )
     parser.add_argument("--teacher-model", help="the served model or ensemble to learn from")
+    parser.add_argument(
+        "--allow-insecure-token",
+        action="store_const",
+        const=True,
+        help="send the token over http:// or grpc:// to a non-loopback teacher (a private "
+        "network you trust; otherwise use https:// or grpcs://)",
+    )
     parser.add_argument("--loss", help=f"one of {', '.join(losses.names())}")
     parser.add_argument("--arch", help="student arch, e.g. kdserve:resnet8x4")
     parser.add_argument("--epochs", type=int)
@@ -86,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {
         "teacher.endpoints": args.teacher,
         "teacher.model": args.teacher_model,
+        "teacher.allow_insecure_token": args.allow_insecure_token,
         "loss.name": args.loss,
         "student.arch": args.arch,
         "epochs": args.epochs,

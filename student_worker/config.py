@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from student_worker import losses
 from student_worker.data import DatasetName
 from student_worker.objective import Objective, ObjectiveWeights
+from teacher_server.client.tls import ClientTls, check_endpoint
 from teacher_server.shared.settings import (
     AUTH_TOKEN_ENV,
     ConfigError,
@@ -101,6 +102,26 @@ class TeacherSettings(_Strict):
     token: SecretStr | None = None
     prefetch: int = Field(3, ge=0)
     timeout_s: float = Field(60.0, gt=0.0)
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    allow_insecure_token: bool = False
+
+    @model_validator(mode="after")
+    def _secure_endpoints(self) -> TeacherSettings:
+        token = self.token.get_secret_value() if self.token else None
+        tls = self.tls()
+        for url in self.endpoints:
+            check_endpoint(
+                url, token=token, tls=tls, allow_insecure_token=self.allow_insecure_token
+            )
+        return self
+
+    def tls(self) -> ClientTls | None:
+        """The TLS files for https:// and grpcs:// endpoints (None: the system's roots)."""
+        if self.tls_ca is None and self.tls_cert is None and self.tls_key is None:
+            return None
+        return ClientTls(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key)
 
 
 class StudentConfig(_Strict):

@@ -58,7 +58,13 @@ def connect_teacher(
 ) -> tuple[TeacherRequests, tuple[int, int]]:
     """The teacher named in `settings` and its input size; NoTeacher if it cannot teach."""
     token = settings.token.get_secret_value() if settings.token else None
-    client = TeacherClient.connect(settings.endpoints, token=token, timeout_s=settings.timeout_s)
+    client = TeacherClient.connect(
+        settings.endpoints,
+        token=token,
+        timeout_s=settings.timeout_s,
+        tls=settings.tls(),
+        allow_insecure_token=settings.allow_insecure_token,
+    )
     try:
         info = _served_teacher(client, settings, num_classes=num_classes, data_name=data_name)
     except BaseException:

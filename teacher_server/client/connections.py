@@ -1,4 +1,4 @@
-"""The client's connections to one teacher endpoint: HTTP (httpx) or gRPC (grpcio).
+"""The client's connections to one teacher endpoint: HTTP (httpx) or gRPC (grpcio), clear or TLS.
 
 Both send an InferRequest and return an InferResult (or the model list), encoded and decoded
 by `wire`; every failure is an exception of the error table, so the client's retries and
@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import grpc
 import httpx
 
+from teacher_server.client.tls import ClientTls, check_endpoint
 from teacher_server.shared import wire
 from teacher_server.shared.contract import InferRequest, InferResult, ModelList
 from teacher_server.shared.errors import DeadlineExceeded, NotReady, TeacherError, error_from_answer
@@ -45,26 +46,41 @@ class Connection(Protocol):
     def close(self) -> None: ...
 
 
-def open_connection(url: str, token: str | None) -> Connection:
-    """A connection to `http://host:port`, `https://host:port` or `grpc://host:port`."""
+def open_connection(
+    url: str,
+    token: str | None,
+    *,
+    tls: ClientTls | None = None,
+    allow_insecure_token: bool = False,
+) -> Connection:
+    """A connection to `http://`, `https://`, `grpc://` or `grpcs://host:port`.
+
+    ValueError for a token in clear text to a non-loopback host (unless allowed), or TLS
+    files for a clear-text endpoint (see `tls.check_endpoint`).
+    """
     scheme = urlsplit(url).scheme
+    if scheme not in ("http", "https", "grpc", "grpcs"):
+        raise ValueError(
+            f"teacher endpoint must start with http://, https://, grpc:// or grpcs://, got {url!r}"
+        )
+    check_endpoint(url, token=token, tls=tls, allow_insecure_token=allow_insecure_token)
+    secure = (tls or ClientTls()) if scheme in ("https", "grpcs") else None
     if scheme in ("http", "https"):
-        return HttpConnection(url, token)
-    if scheme == "grpc":
-        return GrpcConnection(url, token)
-    raise ValueError(f"teacher endpoint must start with http://, https:// or grpc://, got {url!r}")
+        return HttpConnection(url, token, secure)
+    return GrpcConnection(url, token, secure)
 
 
 class HttpConnection:
     """msgpack bodies over HTTP/1.1 with keep-alive."""
 
-    def __init__(self, url: str, token: str | None) -> None:
+    def __init__(self, url: str, token: str | None, tls: ClientTls | None = None) -> None:
         self.url = url.rstrip("/")
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.Client(
             base_url=self.url,
             headers=headers,
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+            verify=tls.ssl_context() if tls is not None else True,
         )
 
     def infer(self, request: InferRequest, timeout_s: float) -> InferResult:
@@ -121,16 +137,18 @@ def _ok_body(response: httpx.Response, url: str) -> bytes:
 class GrpcConnection:
     """Protobuf messages over one gRPC channel; `wire` encodes and decodes their bytes."""
 
-    def __init__(self, url: str, token: str | None) -> None:
+    def __init__(self, url: str, token: str | None, tls: ClientTls | None = None) -> None:
         self.url = url
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = grpc.insecure_channel(
-            urlsplit(url).netloc,
-            options=[
-                ("grpc.max_send_message_length", GRPC_MESSAGE_LIMIT),
-                ("grpc.max_receive_message_length", GRPC_MESSAGE_LIMIT),
-            ],
-        )
+        options = [
+            ("grpc.max_send_message_length", GRPC_MESSAGE_LIMIT),
+            ("grpc.max_receive_message_length", GRPC_MESSAGE_LIMIT),
+        ]
+        target = urlsplit(url).netloc
+        if tls is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.secure_channel(target, tls.grpc_credentials(), options=options)
         # No (de)serializers: the methods take and return the messages' bytes.
         self._infer = self._channel.unary_unary(INFER_METHOD, None, None)
         self._list_models = self._channel.unary_unary(LIST_MODELS_METHOD, None, None)

@@ -22,6 +22,7 @@ import torch
 from teacher_server.client.chunking import Part, TeacherReply, join_parts, split_request
 from teacher_server.client.connections import Connection, open_connection
 from teacher_server.client.retry import RetryPolicy
+from teacher_server.client.tls import ClientTls
 from teacher_server.shared.contract import (
     InferRequest,
     InferResult,
@@ -69,6 +70,8 @@ class TeacherClient:
         timeout_s: float = 60.0,
         retry: RetryPolicy | None = None,
         max_request_bytes: int | None = None,
+        tls: ClientTls | None = None,
+        allow_insecure_token: bool = False,
     ) -> None:
         if not endpoints:
             raise ValueError("TeacherClient needs at least one endpoint")
@@ -76,7 +79,10 @@ class TeacherClient:
         self.model = model
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
-        self._connections: list[Connection] = [open_connection(u, token) for u in self.endpoints]
+        self._connections: list[Connection] = [
+            open_connection(u, token, tls=tls, allow_insecure_token=allow_insecure_token)
+            for u in self.endpoints
+        ]
         self._turn = itertools.count()
         self._failed_until = [0.0] * len(self._connections)
         self._max_request_bytes = max_request_bytes
@@ -85,7 +91,11 @@ class TeacherClient:
 
     @classmethod
     def connect(cls, endpoints: str | Sequence[str], **options: Any) -> TeacherClient:
-        """`"grpc://host:50051"`, `"http://host:8000"`, or a list (round robin + failover)."""
+        """`"grpc://host:50051"`, `"https://host:8443"`, or a list (round robin + failover).
+
+        `tls=ClientTls(ca=..., cert=..., key=...)` for https:// and grpcs:// endpoints; a token
+        is refused over clear text to a non-loopback host unless `allow_insecure_token`.
+        """
         urls = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         return cls(urls, **options)
 

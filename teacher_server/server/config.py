@@ -56,6 +56,27 @@ class ServerConfig(_Strict):
     shutdown_grace_s: float = Field(10.0, ge=0)
     heap_trim_mib: int = Field(32, ge=0)
     auth_token: SecretStr | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> ServerConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            missing = "tls_key" if self.tls_key is None else "tls_cert"
+            raise ValueError(f"TLS needs both tls_cert and tls_key; {missing} is not set")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {str(path)!r} does not exist")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        """Whether both ports speak TLS (https://, grpcs://)."""
+        return self.tls_cert is not None
 
     @field_validator("device")
     @classmethod

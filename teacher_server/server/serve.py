@@ -31,6 +31,8 @@ from teacher_server.server.memory import HeapTrimmer, start_heap_trimmer
 from teacher_server.server.oip_grpc import oip_methods
 from teacher_server.server.oip_http import create_oip_router
 from teacher_server.server.registry import Registry
+from teacher_server.server.tls import grpc_credentials, uvicorn_ssl
+from teacher_server.shared.net import is_loopback
 
 log = logging.getLogger(__name__)
 CLOSE_ANSWER_S = 2.0
@@ -54,14 +56,15 @@ class Endpoints:
     host: str
     http_port: int
     grpc_port: int
+    tls: bool = False
 
     @property
     def http_url(self) -> str:
-        return f"http://{_url_host(self.host)}:{self.http_port}"
+        return f"{'https' if self.tls else 'http'}://{_url_host(self.host)}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"grpc://{_url_host(self.host)}:{self.grpc_port}"
+        return f"{'grpcs' if self.tls else 'grpc'}://{_url_host(self.host)}:{self.grpc_port}"
 
 
 def _url_host(host: str) -> str:
@@ -104,15 +107,19 @@ class TeacherServer:
             lifespan="off",
             timeout_keep_alive=KEEP_ALIVE_S,
             timeout_graceful_shutdown=math.ceil(CLOSE_ANSWER_S),
+            **uvicorn_ssl(server),
         )
         self._http = _EmbeddedUvicorn(uv_config)
         self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
         self._grpc, self._health = create_grpc_server(self.lifecycle)
         self._grpc.add_generic_rpc_handlers((oip_methods(self.lifecycle),))
         try:
-            grpc_port = self._grpc.add_insecure_port(
-                f"{_grpc_host(server.host)}:{server.grpc_port}"
-            )
+            address = f"{_grpc_host(server.host)}:{server.grpc_port}"
+            credentials = grpc_credentials(server)
+            if credentials is None:
+                grpc_port = self._grpc.add_insecure_port(address)
+            else:
+                grpc_port = self._grpc.add_secure_port(address, credentials)
         except RuntimeError as exc:
             self._http.should_exit = True
             await self._http_task
@@ -126,7 +133,13 @@ class TeacherServer:
                 self._http_task.result()
                 raise OSError("HTTP server stopped during start-up")
             await asyncio.sleep(0.01)
-        self.endpoints = Endpoints(server.host, sock.getsockname()[1], grpc_port)
+        self.endpoints = Endpoints(server.host, sock.getsockname()[1], grpc_port, server.tls)
+        if server.auth_token is not None and not server.tls and not is_loopback(server.host):
+            log.warning(
+                "the token travels in clear text: %s is not a loopback address and the server "
+                "has no TLS (tls_cert, tls_key); keep it on a network you trust",
+                server.host,
+            )
         log.info(
             "HTTP on %s, gRPC on %s; loading models",
             self.endpoints.http_url,

@@ -2,13 +2,16 @@
 
 Prints, for a compute-bound teacher (seeded torchvision resnet18 at 32 px, 32-image uint8
 requests) and a wire-bound one (pool + linear on 224 px views, 16-image requests):
-served images/s with 1, 4 and 8 concurrent client processes over HTTP and gRPC, as a ratio
-of the in-process forward of the same model and batch size; per-request latency p50/p99;
-a lone client's p50 against an unbatched server; bytes on the wire per image.
+served images/s with 1, 4 and 8 concurrent client processes over our HTTP and gRPC and over
+the Open Inference Protocol (tritonclient's HTTP with binary tensors, and its gRPC: the
+`v2-http` and `v2-grpc` rows), as a ratio of the in-process forward of the same model and
+batch size; per-request latency p50/p99; a lone client's p50 against an unbatched server;
+bytes on the wire per image.
 
 Run (the README records the results):
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 \
-        .venv/bin/python bench/teacher_throughput.py
+        .venv/bin/python bench/teacher_throughput.py [--cases wire-bound] [--clients 8] \
+        [--wires http grpc v2-http v2-grpc]
 """
 
 from __future__ import annotations
@@ -59,6 +62,10 @@ class PoolLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(x.mean(dim=(2, 3)))
+
+
+WIRES = ["http", "grpc", "v2-http", "v2-grpc"]
+"""Our protocol over HTTP and gRPC, and the Open Inference Protocol's REST and gRPC."""
 
 
 def build_cases(workdir: Path) -> list[Case]:
@@ -153,23 +160,58 @@ def start_server(
 def client_loop(
     url: str, model: str, size: int, batch: int, seconds: float, ready: Any, start: Any, out: Any
 ) -> None:
-    """One student: a closed loop of requests, timed only once every client is warmed up."""
+    """One student: a closed loop of requests, timed only once every client is warmed up.
+
+    `url` is one of the server's; `v2+http://` and `v2+grpc://` send the same request in the
+    Open Inference Protocol with tritonclient (binary tensors over HTTP, raw contents over
+    gRPC), as a Triton user's student would.
+    """
     torch.set_num_threads(1)
     from teacher_server.client import TeacherClient
 
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
     latencies: list[float] = []
-    with TeacherClient.connect(url, model=model, max_request_bytes=1 << 30) as client:
+    if url.startswith("v2+"):
+        infer, close = _v2_infer(url.removeprefix("v2+"), model, images)
+    else:
+        client = TeacherClient.connect(url, model=model, max_request_bytes=1 << 30)
+
+        def infer() -> None:
+            client.infer(images, output_dtype="float16")
+
+        close = client.close
+    try:
         for _ in range(3):
-            client.infer(images)
+            infer()
         ready.put(os.getpid())
         start.wait()
         stop = time.perf_counter() + seconds
         while time.perf_counter() < stop:
             began = time.perf_counter()
-            client.infer(images, output_dtype="float16")
+            infer()
             latencies.append(time.perf_counter() - began)
+    finally:
+        close()
     out.put(latencies)
+
+
+def _v2_infer(url: str, model: str, images: torch.Tensor) -> tuple[Any, Any]:
+    """A tritonclient call of `model` on `images` (float16 logits answered), and its close."""
+    scheme, address = url.split("://", 1)
+    if scheme == "http":
+        import tritonclient.http as triton
+    else:
+        import tritonclient.grpc as triton  # type: ignore[no-redef]
+    client = triton.InferenceServerClient(address)
+    array = images.numpy()
+    parameters = {"output_dtype": "FP16"}
+
+    def infer() -> None:
+        tensor = triton.InferInput("images", list(array.shape), "UINT8")
+        tensor.set_data_from_numpy(array)
+        client.infer(model, [tensor], parameters=parameters).as_numpy("logits")
+
+    return infer, client.close
 
 
 def cpu_seconds(pid: int) -> float:
@@ -242,6 +284,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="measuring time per point")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--cases", nargs="+", default=["compute-bound", "wire-bound"])
+    parser.add_argument("--wires", nargs="+", default=WIRES, choices=WIRES)
     args = parser.parse_args()
     threads = os.cpu_count() or 1
     print(
@@ -252,11 +295,16 @@ def main() -> None:
         workdir = Path(tmp)
         for case in build_cases(workdir):
             if case.name in args.cases:
-                run_case(workdir, case, args.clients, args.seconds, threads)
+                run_case(workdir, case, args.clients, args.seconds, threads, args.wires)
 
 
 def run_case(
-    workdir: Path, case: Case, client_counts: list[int], seconds: float, threads: int
+    workdir: Path,
+    case: Case,
+    client_counts: list[int],
+    seconds: float,
+    threads: int,
+    wires: list[str] = WIRES,
 ) -> None:
     baseline = in_process_images_per_s(case, seconds, threads, "kdserve")
     baseline_tv = in_process_images_per_s(case, seconds, threads, "torchvision")
@@ -277,20 +325,22 @@ def run_case(
         ),
     ]
     print(
-        f"{'server':24} {'wire':5} {'clients':>7} {'img/s':>8} {'ratio':>6} {'ratio tv':>8} "
+        f"{'server':24} {'wire':7} {'clients':>7} {'img/s':>8} {'ratio':>6} {'ratio tv':>8} "
         f"{'p50 ms':>8} {'p99 ms':>8} {'CPU ms/request: server':>23} {'clients':>8}"
     )
     for label, layout in layouts:
         server = {"max_batch_size": 256, "max_delay_ms": 2, **layout}
         process, ports = start_server(workdir, case, server)
         try:
-            for wire in ("http", "grpc"):
+            for wire in wires:
+                url = ports[f"{wire.removeprefix('v2-')}_url"]
+                url = f"v2+{url}" if wire.startswith("v2-") else url
                 for clients in client_counts:
-                    run = measure_served(ports[f"{wire}_url"], process.pid, case, clients, seconds)
+                    run = measure_served(url, process.pid, case, clients, seconds)
                     p50, p99 = percentile(run.latencies, 0.5), percentile(run.latencies, 0.99)
                     rate = run.images_per_s
                     print(
-                        f"{label:24} {wire:5} {clients:>7} {rate:>8.0f} "
+                        f"{label:24} {wire:7} {clients:>7} {rate:>8.0f} "
                         f"{rate / baseline:>6.2f} {rate / baseline_tv:>8.2f} "
                         f"{p50 * 1e3:>8.1f} {p99 * 1e3:>8.1f} "
                         f"{run.server_cpu_ms:>23.1f} {run.client_cpu_ms:>8.1f}",

@@ -6,10 +6,15 @@ Fixtures that use them (the teachers, the shared servers) are in conftest.py.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,7 @@ import grpc
 import httpx
 import msgpack
 import torch
+import yaml
 
 from teacher_server.server.config import load_config
 from teacher_server.server.serve import ServerThread
@@ -31,6 +37,9 @@ SLOW_BATCH = 4
 CIFAR_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR_STD = (0.2673, 0.2564, 0.2762)
 INFER_METHOD = "/kdserve.v1.Teacher/Infer"
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+"""For the processes tests start: one intra-op thread each, logs written as they come."""
 
 
 @contextlib.contextmanager
@@ -231,3 +240,92 @@ def occupy_slow_model(server: ServerThread, images: int) -> threading.Thread:
         assert time.monotonic() < deadline, "the slow model never queued the request"
         time.sleep(0.005)
     return thread
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports free now (all held at once, so never the same twice)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    what: str,
+    *watched: subprocess.Popen[bytes],
+    timeout_s: float = 120,
+) -> None:
+    """Poll `condition()` until it is true; fail if a watched process exits first."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        for process in watched:
+            assert process.poll() is None, f"exited {process.returncode} before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+class TeacherProcess:
+    """`kdserve-teacher` as a process on fixed ports, which can be killed and started again."""
+
+    def __init__(self, root: Path, config: dict[str, Any], name: str = "teacher") -> None:
+        self.root = root
+        self.name = name
+        self.http_port, self.grpc_port = free_ports(2)
+        server = {**config.get("server", {}), "http_port": self.http_port}
+        server["grpc_port"] = self.grpc_port
+        self.config = root / f"{name}.yaml"
+        self.config.write_text(yaml.safe_dump({**config, "server": server}))
+        self.port_file = root / f"{name}-ports.json"
+        self.starts = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def url(self, transport: str) -> str:
+        port = self.http_port if transport == "http" else self.grpc_port
+        return f"{transport}://127.0.0.1:{port}"
+
+    def start(self) -> None:
+        """Start the process and wait until it listens on its ports (models may still load)."""
+        self.port_file.unlink(missing_ok=True)
+        self.starts += 1
+        with open(self.root / f"{self.name}-{self.starts}.log", "wb") as log:
+            self.process = subprocess.Popen(
+                [
+                    str(BIN / "kdserve-teacher"),
+                    "--config",
+                    str(self.config),
+                    "--port-file",
+                    str(self.port_file),
+                ],
+                env=ENV,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_until(self.port_file.exists, f"{self.name} to listen", self.process)
+        ports = json.loads(self.port_file.read_text())
+        assert (ports["http_port"], ports["grpc_port"]) == (self.http_port, self.grpc_port)
+
+    def wait_ready(self) -> None:
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{self.url('http')}/readyz", timeout=5).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        assert self.process is not None
+        wait_until(ready, f"{self.name} to be ready", self.process)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        assert self.process.wait(timeout=30) == -signal.SIGKILL
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

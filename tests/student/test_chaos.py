@@ -6,29 +6,21 @@ trained without the outage: the same steps, the same losses, the same weights, b
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import yaml
 
 from student_worker.checkpoint import load_checkpoint
 from student_worker.runlog import RunLog
+from tests.helpers import BIN, ENV, TeacherProcess, wait_until
 
 pytestmark = pytest.mark.slow
 
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 BATCH_SIZE = 16
 TOTAL_STEPS = 60
 KILL_AFTER_STEP = 4
@@ -37,102 +29,30 @@ UNAVAILABLE = "teacher unavailable"
 ANSWERED_AGAIN = "teacher answered"
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` distinct loopback ports free now (all held at once, so never the same twice)."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-
-
-def wait_until(
-    condition: Callable[[], bool],
-    what: str,
-    *watched: subprocess.Popen[bytes],
-    timeout_s: float = 120,
-) -> None:
-    """Poll `condition()` until it is true; fail if a watched process exits first."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        for process in watched:
-            assert process.poll() is None, f"exited {process.returncode} before {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
-class Teacher:
-    """`kdserve-teacher` as a process on fixed ports, which can be killed and started again."""
-
-    def __init__(self, root: Path, weights: Path) -> None:
-        self.root = root
-        self.http_port, self.grpc_port = free_ports(2)
-        config = {
-            "server": {
-                "http_port": self.http_port,
-                "grpc_port": self.grpc_port,
-                # One request per pass: an answer does not depend on what it was batched with.
-                "max_batch_size": BATCH_SIZE,
-                "threads_per_replica": 1,
-            },
-            "models": [
-                {
-                    "name": "small",
-                    "arch": "kdserve:resnet8",
-                    "weights": str(weights),
-                    "num_classes": 10,
-                    "input_size": 32,
-                }
-            ],
-        }
-        self.config = root / "teacher.yaml"
-        self.config.write_text(yaml.safe_dump(config))
-        self.port_file = root / "ports.json"
-        self.starts = 0
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def url(self, transport: str) -> str:
-        port = self.http_port if transport == "http" else self.grpc_port
-        return f"{transport}://127.0.0.1:{port}"
-
-    def start(self) -> None:
-        self.port_file.unlink(missing_ok=True)
-        self.starts += 1
-        with open(self.root / f"teacher-{self.starts}.log", "wb") as log:
-            self.process = subprocess.Popen(
-                [
-                    str(BIN / "kdserve-teacher"),
-                    "--config",
-                    str(self.config),
-                    "--port-file",
-                    str(self.port_file),
-                ],
-                env=ENV,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        wait_until(self.port_file.exists, "the teacher to listen", self.process)
-        ports = json.loads(self.port_file.read_text())
-        assert (ports["http_port"], ports["grpc_port"]) == (self.http_port, self.grpc_port)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        assert self.process.wait(timeout=30) == -signal.SIGKILL
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+def teacher_process(root: Path, weights: Path) -> TeacherProcess:
+    """The one-model teacher the students ask, as a process that can be killed."""
+    config = {
+        "server": {
+            # One request per pass: an answer does not depend on what it was batched with.
+            "max_batch_size": BATCH_SIZE,
+            "threads_per_replica": 1,
+        },
+        "models": [
+            {
+                "name": "small",
+                "arch": "kdserve:resnet8",
+                "weights": str(weights),
+                "num_classes": 10,
+                "input_size": 32,
+            }
+        ],
+    }
+    return TeacherProcess(root, config)
 
 
 @pytest.fixture
-def teacher(tmp_path: Path, teachers: dict[str, Any]) -> Iterator[Teacher]:
-    served = Teacher(tmp_path, teachers["root"] / "small.safetensors")
+def teacher(tmp_path: Path, teachers: dict[str, Any]) -> Iterator[TeacherProcess]:
+    served = teacher_process(tmp_path, teachers["root"] / "small.safetensors")
     served.start()
     try:
         yield served
@@ -217,7 +137,7 @@ def checkpoint_leaves(out: Path) -> dict[str, Any]:
 
 @pytest.mark.parametrize("transport", ["grpc", "http"])
 def test_student_outlives_a_killed_teacher_and_trains_the_same_run(
-    teacher: Teacher, tmp_path: Path, transport: str
+    teacher: TeacherProcess, tmp_path: Path, transport: str
 ) -> None:
     url = teacher.url(transport)
     reference_out = tmp_path / "reference"

@@ -103,6 +103,8 @@ class InferResult:
     top_k_values: torch.Tensor | None = None
     top_k_indices: torch.Tensor | None = None
     timings: Timings = Timings()
+    members: tuple[str, ...] = ()
+    """An ensemble's members whose answers were combined (all of them unless it has a quorum)."""
 
 
 @dataclass(frozen=True)

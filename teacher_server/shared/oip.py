@@ -6,7 +6,8 @@ tensor `images` ([N, 3, H, W]; UINT8, FP16, BF16 or FP32), optionally the inputs
 `temperature`, `output` (logits | probs | log_probs), `output_dtype` (FP32 | FP16),
 `top_k`, `mix` (mixup | cutmix), `mix_lam`, and Triton's `timeout` (microseconds) and
 `binary_data_output`. It answers the output `logits` ([N, num_classes]), or with `top_k` the
-outputs `top_k_values` and `top_k_indices` (INT32). Every value goes through the contract's
+outputs `top_k_values` and `top_k_indices` (INT32); an ensemble's answer has the response
+parameter `members` (the members combined, comma-separated). Every value goes through the contract's
 `checked_*` constructors, so the v2 endpoints accept and refuse what our own protocol does.
 
 REST bodies are JSON, or Triton's binary-tensor extension: the first
@@ -47,6 +48,7 @@ EXTENSIONS = ("binary_tensor_data", "parameters")
 HEADER_LENGTH = "Inference-Header-Content-Length"
 IMAGES, MIX_PERM, MIX_BOX = "images", "mix_perm", "mix_box"
 LOGITS, TOP_K_VALUES, TOP_K_INDICES = "logits", "top_k_values", "top_k_indices"
+MEMBERS = "members"
 IMAGE_TYPES = {"UINT8": "uint8", "FP16": "float16", "BF16": "bfloat16", "FP32": "float32"}
 INDEX_TYPES = {"INT32": torch.int32, "INT64": torch.int64}
 OUTPUT_TYPES = {"float32": "FP32", "float16": "FP16", "int32": "INT32"}
@@ -479,9 +481,15 @@ def result_to_rest(result: InferResult, v2req: V2Request) -> tuple[bytes, int | 
         else:
             out["data"] = tensor.reshape(-1).tolist()
         outputs.append(out)
-    header = {"model_name": result.model, "model_version": MODEL_VERSION, "outputs": outputs}
+    header: dict[str, Any] = {
+        "model_name": result.model,
+        "model_version": MODEL_VERSION,
+        "outputs": outputs,
+    }
     if v2req.request_id:
         header["id"] = v2req.request_id
+    if result.members:
+        header["parameters"] = {MEMBERS: ",".join(result.members)}
     head = json.dumps(header, separators=(",", ":")).encode()
     if not blobs:
         return head, None
@@ -493,6 +501,8 @@ def result_to_grpc(result: InferResult, v2req: V2Request) -> bytes:
     message = v2.ModelInferResponse(
         model_name=result.model, model_version=MODEL_VERSION, id=v2req.request_id
     )
+    if result.members:
+        message.parameters[MEMBERS].string_param = ",".join(result.members)
     for name, tensor in _answers(result, v2req.outputs):
         message.outputs.add(name=name, datatype=OUTPUT_TYPES[_dtype(tensor)], shape=tensor.shape)
         message.raw_output_contents.append(bytes(tensor_bytes(tensor)))

@@ -174,6 +174,8 @@ def result_to_msgpack(result: InferResult) -> bytes:
             "batch_sizes": list(result.timings.batch_sizes),
         },
     }
+    if result.members:
+        body["members"] = list(result.members)
     for name in RESULT_TENSORS:
         tensor = getattr(result, name)
         if tensor is not None:
@@ -201,6 +203,7 @@ def result_from_msgpack(body: bytes) -> InferResult:
                 total_ms=_number(timings, "total_ms") or 0.0,
                 batch_sizes=tuple(_integers(timings, "batch_sizes")),
             ),
+            members=tuple(_strings(fields, "members")),
             **tensors,
         )
     except InvalidRequest as error:
@@ -218,6 +221,7 @@ def result_to_protobuf(result: InferResult) -> bytes:
             total_ms=result.timings.total_ms,
             batch_sizes=result.timings.batch_sizes,
         ),
+        members=result.members,
     )
     pieces: list[bytes | memoryview] = [message.SerializeToString()]
     for name in RESULT_TENSORS:
@@ -247,6 +251,7 @@ def result_from_protobuf(body: bytes) -> InferResult:
             total_ms=message.timings.total_ms,
             batch_sizes=tuple(message.timings.batch_sizes),
         ),
+        members=tuple(message.members),
         **tensors,
     )
 
@@ -461,6 +466,15 @@ def _integers(fields: Mapping[str, Any], name: str, *, where: str = "") -> list[
         raise InvalidRequest(
             f"{_name(where, name)} must be a list of ints, got {contract.preview(value)}"
         )
+    return list(value)
+
+
+def _strings(fields: Mapping[str, Any], name: str) -> list[str]:
+    value = fields.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise InvalidRequest(f"{name} must be a list of strings, got {contract.preview(value)}")
     return list(value)
 
 

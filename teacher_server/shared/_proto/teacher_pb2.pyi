@@ -61,20 +61,22 @@ class Timings(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InferResponse(_message.Message):
-    __slots__ = ("logits", "top_k_values", "top_k_indices", "model", "request_id", "timings")
+    __slots__ = ("logits", "top_k_values", "top_k_indices", "model", "request_id", "timings", "members")
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_VALUES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_INDICES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
     logits: Tensor
     top_k_values: Tensor
     top_k_indices: Tensor
     model: str
     request_id: str
     timings: Timings
-    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., top_k_values: _Optional[_Union[Tensor, _Mapping]] = ..., top_k_indices: _Optional[_Union[Tensor, _Mapping]] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., top_k_values: _Optional[_Union[Tensor, _Mapping]] = ..., top_k_indices: _Optional[_Union[Tensor, _Mapping]] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -22,6 +22,7 @@ from teacher_server.shared.contract import InferRequest, InferResult, ModelList
 from teacher_server.shared.errors import DeadlineExceeded, NotReady, TeacherError, error_from_answer
 
 GRPC_MESSAGE_LIMIT = 1024 * 1024 * 1024
+MAX_RECONNECT_BACKOFF_MS = 2000
 INFER_METHOD = "/kdserve.v1.Teacher/Infer"
 LIST_MODELS_METHOD = "/kdserve.v1.Teacher/ListModels"
 
@@ -143,6 +144,8 @@ class GrpcConnection:
         options = [
             ("grpc.max_send_message_length", GRPC_MESSAGE_LIMIT),
             ("grpc.max_receive_message_length", GRPC_MESSAGE_LIMIT),
+            # A teacher that comes back is used within seconds (grpcio waits up to 120 s).
+            ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
         ]
         target = urlsplit(url).netloc
         if tls is None:

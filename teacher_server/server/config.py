@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -26,6 +29,10 @@ from teacher_server.shared.settings import (
 from teacher_server.shared.views import IMAGENET_MEAN, IMAGENET_STD
 
 ENV_PREFIX = "KDSERVE_SERVER__"
+REMOTE_TOKEN_ENV = "KDSERVE_REMOTE_TOKEN"
+"""The token this server presents to the teacher servers of its remote ensemble members."""
+NAME_PATTERN = r"^[A-Za-z0-9_.\-]+$"
+REMOTE_SCHEMES = ("grpc", "grpcs", "http", "https")
 
 ModelDtype = Literal["float32", "float16", "bfloat16"]
 
@@ -118,7 +125,7 @@ def usable_cores() -> int:
 class ModelConfig(_Strict):
     """One served network: its architecture by registry name, weights and input contract."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = Field(min_length=1, pattern=NAME_PATTERN)
     arch: str = Field(min_length=1)
     weights: Path | None = None
     random_init: bool = False
@@ -166,16 +173,100 @@ class ModelConfig(_Strict):
         return self
 
 
+@dataclass(frozen=True)
+class RemoteMember:
+    """An ensemble member served by another teacher server: `grpc://host:port/model`."""
+
+    url: str
+    """The member's name in the config, in errors and in /metrics."""
+    endpoint: str
+    """`scheme://host:port`, what the client connects to."""
+    model: str
+    """The model's name on that server."""
+
+
+def remote_member(member: str) -> RemoteMember | None:
+    """The remote member a member string names (`scheme://host:port/model`), None for a local
+    model's name; ValueError for a URL that does not name one model on one server."""
+    if "://" not in member:
+        return None
+    try:
+        parts = urlsplit(member)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"remote member {member!r}: {exc}") from None
+    model = parts.path.removeprefix("/")
+    if parts.scheme not in REMOTE_SCHEMES:
+        raise ValueError(
+            f"remote member {member!r} must start with one of "
+            f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}"
+        )
+    if not parts.hostname or port is None:
+        raise ValueError(
+            f"remote member {member!r} needs a host and a port: scheme://host:port/model"
+        )
+    if parts.username is not None or parts.query or parts.fragment:
+        raise ValueError(
+            f"remote member {member!r}: no user, query or fragment (the token is remote.token)"
+        )
+    if not re.fullmatch(NAME_PATTERN, model):
+        raise ValueError(f"remote member {member!r} must end with /model, one model's name")
+    return RemoteMember(member, f"{parts.scheme}://{parts.netloc}", model)
+
+
+class RemoteConfig(_Strict):
+    """How this server reaches the teacher servers of its remote ensemble members."""
+
+    token: SecretStr | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    allow_insecure_token: bool = False
+    timeout_s: float | None = Field(None, gt=0)
+    """A member that has not answered in this long is down (None: the request's deadline)."""
+    max_in_flight: int = Field(64, ge=1)
+    """Requests on one remote member at once; more are refused 429 (backpressure)."""
+    connect_timeout_s: float = Field(120.0, gt=0)
+    """At start-up, how long to wait for each remote member to say what it serves."""
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> RemoteConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("remote.tls_cert and remote.tls_key go together")
+        for name in ("tls_ca", "tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"remote.{name} {str(path)!r} does not exist")
+        return self
+
+
 class EnsembleConfig(_Strict):
     """Several served models answering as one; combined at temperature 1, then tempered."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = Field(min_length=1, pattern=NAME_PATTERN)
     members: list[str] = Field(min_length=1)
+    """Local models' names, or remote members: `grpc://host:port/model` (grpcs, http, https)."""
     weights: list[float] | None = None
     combine: Literal["mean_logits", "mean_probs"] = "mean_logits"
+    quorum: int | None = Field(None, ge=1)
+    """Members that must answer (None: all); the answer names the members it used."""
+
+    @field_validator("members")
+    @classmethod
+    def _members_parse(cls, members: list[str]) -> list[str]:
+        for member in members:
+            remote_member(member)
+        repeated = sorted({m for m in members if members.count(m) > 1})
+        if repeated:
+            raise ValueError(f"members are listed more than once: {repeated}; use weights")
+        return members
 
     @model_validator(mode="after")
     def _weights_match(self) -> EnsembleConfig:
+        if self.quorum is not None and self.quorum > len(self.members):
+            raise ValueError(
+                f"ensemble {self.name!r} has quorum {self.quorum} but {len(self.members)} members"
+            )
         if self.weights is not None:
             if len(self.weights) != len(self.members):
                 raise ValueError(
@@ -193,16 +284,32 @@ class EnsembleConfig(_Strict):
     def member_weights(self) -> list[float]:
         return self.weights if self.weights is not None else [1.0] * len(self.members)
 
+    @property
+    def local_members(self) -> list[str]:
+        return [m for m in self.members if remote_member(m) is None]
+
+    @property
+    def remote_members(self) -> list[RemoteMember]:
+        return [r for r in map(remote_member, self.members) if r is not None]
+
+    @property
+    def needed(self) -> int:
+        """How many members must answer."""
+        return self.quorum if self.quorum is not None else len(self.members)
+
 
 class TeacherConfig(_Strict):
     """The whole teacher server configuration file."""
 
     server: ServerConfig = ServerConfig()
-    models: list[ModelConfig] = Field(min_length=1)
+    models: list[ModelConfig] = []
     ensembles: list[EnsembleConfig] = []
+    remote: RemoteConfig = RemoteConfig()
 
     @model_validator(mode="after")
     def _names_resolve(self) -> TeacherConfig:
+        if not self.models and not any(e.remote_members for e in self.ensembles):
+            raise ValueError("nothing to serve: list models, or an ensemble of remote members")
         models = {m.name: m for m in self.models}
         names = [m.name for m in self.models] + [e.name for e in self.ensembles]
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -217,13 +324,13 @@ class TeacherConfig(_Strict):
         for model in self.models:
             self.request_pixels(model.name)
         for ensemble in self.ensembles:
-            unknown = [m for m in ensemble.members if m not in models]
+            unknown = [m for m in ensemble.local_members if m not in models]
             if unknown:
                 raise ValueError(
                     f"ensemble {ensemble.name!r} names unknown members {unknown}; "
-                    f"models are {sorted(models)}"
+                    f"models are {sorted(models)} (a remote member is scheme://host:port/model)"
                 )
-            classes = {models[m].num_classes for m in ensemble.members}
+            classes = {models[m].num_classes for m in ensemble.local_members}
             if len(classes) > 1:
                 raise ValueError(
                     f"ensemble {ensemble.name!r} members disagree on num_classes: {sorted(classes)}"
@@ -232,11 +339,11 @@ class TeacherConfig(_Strict):
         return self
 
     def request_pixels(self, name: str) -> int:
-        """Pixels one image sent to `name` costs: its input size, summed over an ensemble's
-        members (every member computes every image). ValueError if one image is over
-        max_request_pixels."""
+        """Pixels one image sent to `name` costs here: its input size, summed over an ensemble's
+        local members (every member computes every image; remote members compute on their own
+        servers, under their own limits). ValueError if one image is over max_request_pixels."""
         models = {m.name: m for m in self.models}
-        members = next((e.members for e in self.ensembles if e.name == name), [name])
+        members = next((e.local_members for e in self.ensembles if e.name == name), [name])
         pixels = sum(models[m].input_size[0] * models[m].input_size[1] for m in members)
         if pixels > self.server.max_request_pixels:
             raise ValueError(
@@ -248,11 +355,13 @@ class TeacherConfig(_Strict):
     def max_images(self, name: str) -> int:
         """Images one request to `name` may carry: max_request_images, max_queue_images (a
         larger request could never be queued), and max_request_pixels divided by one image's
-        pixels at the model's input size."""
+        pixels at the model's input size (an ensemble of remote members only costs no pixels
+        here)."""
+        pixels = self.request_pixels(name)
         return min(
             self.server.max_request_images,
             self.server.max_queue_images,
-            self.server.max_request_pixels // self.request_pixels(name),
+            self.server.max_request_pixels // pixels if pixels else self.server.max_request_images,
         )
 
 
@@ -295,7 +404,8 @@ def load_config(
     server_overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> TeacherConfig:
-    """Read YAML (or `data`), apply KDSERVE_SERVER__* env vars, then CLI overrides, and validate.
+    """Read YAML (or `data`), apply KDSERVE_SERVER__* env vars (and KDSERVE_REMOTE_TOKEN), then
+    CLI overrides, and validate.
 
     Precedence: CLI flags > environment > file > defaults.
     """
@@ -305,10 +415,13 @@ def load_config(
         _resolve_paths(raw, Path(path).resolve().parent)
     else:
         raw = dict(data or {})
+    environ = os.environ if environ is None else environ
     server = dict(raw.get("server") or {})
-    server.update(_env_overrides(os.environ if environ is None else environ))
+    server.update(_env_overrides(environ))
     server.update({k: v for k, v in (server_overrides or {}).items() if v is not None})
     raw["server"] = server
+    if environ.get(REMOTE_TOKEN_ENV) and isinstance(raw.get("remote") or {}, dict):
+        raw["remote"] = {**(raw.get("remote") or {}), "token": environ[REMOTE_TOKEN_ENV]}
     try:
         return TeacherConfig.model_validate(raw)
     except ValidationError as exc:

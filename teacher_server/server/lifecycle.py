@@ -1,9 +1,10 @@
 """A request's way through the server, whichever transport carried it.
 
 transport decode -> validate (the contract's checked constructors, run by `wire`) ->
-`Lifecycle.infer`: route to the model or the ensemble's members, queue on their batchers
-and wait -> the batchers' engines preprocess and run the forward -> combine and temper
-(`outputs`) -> the transport encodes the InferResult. Every failure is a TeacherError from
+`Lifecycle.infer`: route to the model or the ensemble's members, queue on their batchers (or
+send to a remote member's server) and wait -> the batchers' engines preprocess and run the
+forward -> combine (the members that answered, where a quorum allows fewer than all) and
+temper (`outputs`) -> the transport encodes the InferResult. Every failure is a TeacherError from
 the one error table; the transports only decode, call this and encode.
 """
 
@@ -14,13 +15,22 @@ import hmac
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
 from typing import Any, TypeVar
+
+import torch
 
 from teacher_server.server.batcher import Job
 from teacher_server.server.config import TeacherConfig
 from teacher_server.server.outputs import combine_members, finish_outputs
-from teacher_server.server.registry import Registry, Served, ServedEnsemble, ServedModel
+from teacher_server.server.registry import (
+    MemberAnswer,
+    Registry,
+    Served,
+    ServedEnsemble,
+    ServedModel,
+)
 from teacher_server.server.stats import ModelStats
 from teacher_server.shared.contract import (
     InferRequest,
@@ -33,10 +43,12 @@ from teacher_server.shared.errors import (
     DeadlineExceeded,
     InvalidRequest,
     ModelFailure,
+    NotReady,
     QueueFull,
     RequestTooLarge,
     TeacherError,
     Unauthenticated,
+    status_of,
 )
 
 T = TypeVar("T")
@@ -161,20 +173,8 @@ class Lifecycle:
                 f"top_k must be <= num_classes ({target.num_classes}), got {request.top_k}"
             )
         self._check_work(target, int(request.images.shape[0]))
-        jobs = await self._wait_for_members(target, request, received, timeout_s)
-        member_logits = []
-        for job in jobs:
-            if job.error is not None:
-                raise job.error
-            if job.logits is None:
-                raise TeacherError(
-                    f"internal error: a finished job of {target.name!r} has no logits"
-                )
-            member_logits.append(job.logits)
-        if isinstance(target, ServedEnsemble):
-            raw = combine_members(member_logits, target.member_weights, target.config.combine)
-        else:
-            raw = member_logits[0]
+        answers = await self._ask_members(target, request, received, timeout_s)
+        raw, used = _combined(target, answers)
         outputs = finish_outputs(
             raw,
             temperature=request.temperature,
@@ -188,7 +188,8 @@ class Lifecycle:
             logits=outputs.full,
             top_k_values=outputs.top_k_values,
             top_k_indices=outputs.top_k_indices,
-            timings=_timings(jobs, received),
+            timings=_timings([a for a in answers if isinstance(a, MemberAnswer)], received),
+            members=used,
         )
 
     def _check_work(self, target: Served, images: int) -> None:
@@ -205,37 +206,61 @@ class Lifecycle:
                 "split it"
             )
 
-    async def _wait_for_members(
+    async def _ask_members(
         self, target: Served, request: InferRequest, received: float, timeout_s: float | None
-    ) -> list[Job]:
-        """Queue the request's images on every member's batcher; their jobs once all are done.
+    ) -> list[MemberAnswer | TeacherError]:
+        """Queue the request on every local member's batcher and send it to every remote one;
+        each member's answer or error once all are in.
 
-        If the caller goes away (cancellation) the jobs are taken off the queues, so rows not
-        started are never computed.
+        A member that refuses the request at once fails the whole request unless a quorum
+        can still be reached without it. If the caller goes away (cancellation) the jobs are
+        taken off the queues, so rows not started are never computed.
         """
         limit = self.config.server.request_timeout_s
         if timeout_s is not None and math.isfinite(timeout_s):
             limit = min(limit, timeout_s)
+        deadline = received + limit
         loop = asyncio.get_running_loop()
         submitted: list[tuple[Job, ServedModel]] = []
-        futures: list[asyncio.Future[Job]] = []
+        sent: list[Future[MemberAnswer]] = []
+        asked: list[asyncio.Future[Job] | asyncio.Future[MemberAnswer] | TeacherError] = []
         try:
             for member in target.members:
-                future: asyncio.Future[Job] = loop.create_future()
-                job = Job(
-                    request.images,
-                    request.mix,
-                    received + limit,
-                    _resolver(loop, future),
-                    enqueued_at=received,
+                try:
+                    if isinstance(member, ServedModel):
+                        future: asyncio.Future[Job] = loop.create_future()
+                        job = Job(
+                            request.images,
+                            request.mix,
+                            deadline,
+                            _resolver(loop, future),
+                            enqueued_at=received,
+                        )
+                        member.batcher.submit(job)
+                        submitted.append((job, member))
+                        asked.append(future)
+                    else:
+                        remote = member.submit(request.images, request.mix, deadline)
+                        sent.append(remote)
+                        asked.append(asyncio.wrap_future(remote))
+                except TeacherError as error:
+                    refused = sum(isinstance(a, TeacherError) for a in asked) + 1
+                    if len(target.members) - refused < target.needed:
+                        raise
+                    asked.append(error)
+            return list(
+                await asyncio.gather(
+                    *(
+                        _timed(target, member.name, _answer_of(source))
+                        for member, source in zip(target.members, asked, strict=True)
+                    )
                 )
-                member.batcher.submit(job)
-                submitted.append((job, member))
-                futures.append(future)
-            return list(await asyncio.gather(*futures))
+            )
         except BaseException:
-            for job, member in submitted:
-                member.batcher.cancel(job)
+            for job, model in submitted:
+                model.batcher.cancel(job)
+            for remote in sent:
+                remote.cancel()
             raise
 
     def describe(self) -> ModelList:
@@ -273,11 +298,95 @@ def _settle(future: asyncio.Future[Job], job: Job) -> None:
         future.set_result(job)
 
 
-def _timings(jobs: list[Job], received: float) -> Timings:
-    started = min((j.started_at for j in jobs if j.started_at is not None), default=received)
+async def _answer_of(
+    source: asyncio.Future[Job] | asyncio.Future[MemberAnswer] | TeacherError,
+) -> MemberAnswer | TeacherError:
+    """A member's answer or error: a local job once its batcher is done with it, or a remote
+    member's answer (its errors name the member); an unexpected error is a 500."""
+    if isinstance(source, TeacherError):
+        return source
+    try:
+        done = await source
+    except TeacherError as error:
+        return error
+    except Exception as exc:
+        log.exception("unexpected error from a remote member")
+        return TeacherError(f"internal error: {type(exc).__name__}: {exc}")
+    if isinstance(done, MemberAnswer):
+        return done
+    if done.error is not None:
+        return done.error
+    if done.logits is None:
+        return TeacherError("internal error: a finished job has no logits")
+    started = done.started_at if done.started_at is not None else done.enqueued_at
+    return MemberAnswer(done.logits, started, done.compute_s, tuple(done.batch_sizes))
+
+
+async def _timed(
+    target: Served, member: str, answer: Awaitable[MemberAnswer | TeacherError]
+) -> MemberAnswer | TeacherError:
+    """An ensemble member's answer, its latency and failure counted in the ensemble's stats."""
+    started = time.monotonic()
+    result = await answer
+    if isinstance(target, ServedEnsemble):
+        failure = status_of(result).name if isinstance(result, TeacherError) else None
+        target.stats.record_member(member, time.monotonic() - started, failure)
+    return result
+
+
+def _combined(
+    target: Served, answers: list[MemberAnswer | TeacherError]
+) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """The raw logits of a model, or its members combined at T = 1 and the members used.
+
+    A plain model's or a whole ensemble's failure is raised as it is; with a quorum, members
+    that failed are left out (their weights too) as long as enough answered. A request the
+    members refuse as bad (400, 413) is refused whatever the quorum.
+    """
+    failures = [a for a in answers if isinstance(a, TeacherError)]
+    if not isinstance(target, ServedEnsemble):
+        if failures:
+            raise failures[0]
+        answer = answers[0]
+        assert isinstance(answer, MemberAnswer)
+        return answer.logits, ()
+    bad = [f for f in failures if isinstance(f, InvalidRequest | RequestTooLarge)]
+    if bad:
+        raise bad[0]
+    used = [
+        (member.name, answer.logits, weight)
+        for member, answer, weight in zip(
+            target.members, answers, target.member_weights, strict=True
+        )
+        if isinstance(answer, MemberAnswer)
+    ]
+    if failures and len(used) < target.needed:
+        first = failures[0]
+        if target.needed == len(target.members):
+            raise first
+        raise type(first)(
+            f"ensemble {target.name!r}: {len(used)} of {len(target.members)} members answered, "
+            f"its quorum is {target.needed}; {first.message}",
+            retry_after_s=first.retry_after_s,
+        )
+    if sum(weight for _, _, weight in used) <= 0:
+        raise NotReady(
+            f"ensemble {target.name!r}: only members of weight 0 answered "
+            f"({[name for name, _, _ in used]}); {failures[0].message}"
+        )
+    if failures:
+        target.stats.record_partial_answer()
+    raw = combine_members(
+        [logits for _, logits, _ in used], [w for _, _, w in used], target.config.combine
+    )
+    return raw, tuple(name for name, _, _ in used)
+
+
+def _timings(answers: list[MemberAnswer], received: float) -> Timings:
+    started = min((a.started_at for a in answers), default=received)
     return Timings(
-        queue_ms=(started - received) * 1000.0,
-        compute_ms=max(j.compute_s for j in jobs) * 1000.0,
+        queue_ms=max(0.0, started - received) * 1000.0,
+        compute_ms=max((a.compute_s for a in answers), default=0.0) * 1000.0,
         total_ms=(time.monotonic() - received) * 1000.0,
-        batch_sizes=tuple(size for j in jobs for size in j.batch_sizes),
+        batch_sizes=tuple(size for a in answers for size in a.batch_sizes),
     )

@@ -1,4 +1,9 @@
-"""The served models and ensembles: built from the config, weights loaded, warmed up, batched."""
+"""The served models and ensembles: built from the config, weights loaded, warmed up, batched.
+
+An ensemble's members are local models (their batchers are shared with direct users) or
+models on other teacher servers (`RemoteModel`, made by the `connect` the server passes in:
+the registry itself imports no transport library).
+"""
 
 from __future__ import annotations
 
@@ -6,17 +11,26 @@ import copy
 import logging
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from teacher_server.server.batcher import Batcher
-from teacher_server.server.config import EnsembleConfig, ModelConfig, TeacherConfig
+from teacher_server.server.config import (
+    EnsembleConfig,
+    ModelConfig,
+    RemoteConfig,
+    RemoteMember,
+    TeacherConfig,
+)
 from teacher_server.server.engine import InputSpec, ModelRunner
 from teacher_server.server.stats import ModelStats
 from teacher_server.shared.archs import create_model
-from teacher_server.shared.contract import ModelInfo
+from teacher_server.shared.contract import Mix, ModelInfo
 from teacher_server.shared.errors import ModelNotFound, NotReady
 from teacher_server.shared.weights import load_weights
 
@@ -52,29 +66,72 @@ class ServedModel:
         return [1.0]
 
     @property
+    def needed(self) -> int:
+        return 1
+
+    @property
     def stats(self) -> ModelStats:
         return self.batcher.stats
 
 
+@dataclass(frozen=True)
+class MemberAnswer:
+    """A remote member's raw logits (temperature 1) for one request, and where its time went."""
+
+    logits: torch.Tensor
+    started_at: float
+    """When its first forward began, on this server's monotonic clock (estimated)."""
+    compute_s: float
+    batch_sizes: tuple[int, ...]
+
+
+class RemoteModel(Protocol):
+    """A model on another teacher server, as the registry and the lifecycle use it."""
+
+    name: str
+    """The member as the config names it: `grpc://host:port/model`."""
+
+    def describe(self, wait_s: float) -> ModelInfo:
+        """What that server says about the model; waits up to `wait_s` for it to answer."""
+        ...
+
+    def submit(
+        self, images: torch.Tensor, mix: Mix | None, deadline: float
+    ) -> Future[MemberAnswer]:
+        """Ask for a request's raw logits by `deadline` (monotonic); raise QueueFull when too
+        many requests are in flight already. The future's error is a TeacherError naming
+        the member."""
+        ...
+
+    def close(self) -> None: ...
+
+
+ConnectRemote = Callable[[RemoteMember, RemoteConfig], RemoteModel]
+Member = ServedModel | RemoteModel
+
+
 @dataclass
 class ServedEnsemble:
-    """Several served models as one; their forward passes are shared with direct users."""
+    """Several models as one; local members' forward passes are shared with direct users."""
 
     config: EnsembleConfig
-    members: list[ServedModel]
+    members: list[Member]
     stats: ModelStats
 
     @property
     def name(self) -> str:
         return self.config.name
 
-    @property
-    def num_classes(self) -> int:
-        return self.members[0].num_classes
+    num_classes: int
 
     @property
     def member_weights(self) -> list[float]:
         return self.config.member_weights
+
+    @property
+    def needed(self) -> int:
+        """Members that must answer (all, unless the config gives a quorum)."""
+        return self.config.needed
 
 
 Served = ServedModel | ServedEnsemble
@@ -97,9 +154,12 @@ def _area(size: tuple[int, int]) -> int:
 class Registry:
     """Every name the server answers to; models load in the background, names are known at once."""
 
-    def __init__(self, config: TeacherConfig) -> None:
+    def __init__(self, config: TeacherConfig, connect: ConnectRemote | None = None) -> None:
         self.config = config
+        self._connect = connect
         self._models: dict[str, ServedModel] = {}
+        self._remotes: dict[str, RemoteModel] = {}
+        self._remote_info: dict[str, ModelInfo] = {}
         self._ensembles: dict[str, ServedEnsemble] = {}
         self._names = [m.name for m in config.models] + [e.name for e in config.ensembles]
         self._ready = threading.Event()
@@ -110,7 +170,9 @@ class Registry:
         return self._ready.is_set() and not self._closed
 
     def load(self) -> None:
-        """Build, load and warm up every model on every device, then start serving them."""
+        """Ask each remote member what it serves; build, load and warm up every local model
+        on every device; then start serving them."""
+        self._connect_remotes()
         server = self.config.server
         threads = server.cpu_threads()
         if threads is not None:
@@ -137,10 +199,55 @@ class Registry:
                 time.monotonic() - started,
             )
         for ensemble in self.config.ensembles:
+            members: list[Member] = [
+                self._models.get(m) or self._remotes[m] for m in ensemble.members
+            ]
             self._ensembles[ensemble.name] = ServedEnsemble(
-                ensemble, [self._models[m] for m in ensemble.members], ModelStats(ensemble.name)
+                ensemble,
+                members,
+                ModelStats(ensemble.name, members=ensemble.members),
+                self._member_infos(ensemble)[0].num_classes,
             )
         self._ready.set()
+
+    def _connect_remotes(self) -> None:
+        """Connect to every remote member and learn its classes and input size; the members
+        of each ensemble must agree on the number of classes."""
+        settings = self.config.remote
+        for ensemble in self.config.ensembles:
+            for member in ensemble.remote_members:
+                if member.url in self._remotes:
+                    continue
+                if self._connect is None:
+                    raise ModelLoadError(f"{member.url}: this registry cannot reach remote members")
+                started = time.monotonic()
+                try:
+                    remote = self._connect(member, settings)
+                except ValueError as exc:
+                    raise ModelLoadError(f"ensemble member {member.url}: {exc}") from exc
+                self._remotes[member.url] = remote
+                try:
+                    info = remote.describe(settings.connect_timeout_s)
+                except Exception as exc:
+                    raise ModelLoadError(
+                        f"ensemble {ensemble.name!r}: member {member.url} did not say what it "
+                        f"serves within {settings.connect_timeout_s:g}s "
+                        f"(remote.connect_timeout_s): {exc}"
+                    ) from exc
+                self._remote_info[member.url] = info
+                log.info(
+                    "remote member %s: %d classes at %dx%d, %.1fs",
+                    member.url,
+                    info.num_classes,
+                    *info.input_size,
+                    time.monotonic() - started,
+                )
+        for ensemble in self.config.ensembles:
+            classes = {info.num_classes for info in self._member_infos(ensemble)}
+            if len(classes) > 1:
+                raise ModelLoadError(
+                    f"ensemble {ensemble.name!r} members disagree on num_classes: {sorted(classes)}"
+                )
 
     def _build_replicas(self, config: ModelConfig) -> list[ModelRunner]:
         try:
@@ -207,8 +314,8 @@ class Registry:
         ]
 
     def describe(self) -> tuple[ModelInfo, ...]:
-        """What `GET /v1/models` and ListModels show; known before the models finish loading."""
-        models = {m.name: m for m in self.config.models}
+        """What `GET /v1/models` and ListModels show; known before the local models finish
+        loading, once the remote members have said what they serve (NotReady until then)."""
         described = [
             ModelInfo(
                 name=m.name,
@@ -223,12 +330,13 @@ class Registry:
             for m in self.config.models
         ]
         for e in self.config.ensembles:
+            members = self._member_infos(e)
             described.append(
                 ModelInfo(
                     name=e.name,
                     kind="ensemble",
-                    num_classes=models[e.members[0]].num_classes,
-                    input_size=max((models[m].input_size for m in e.members), key=_area),
+                    num_classes=members[0].num_classes,
+                    input_size=max((m.input_size for m in members), key=_area),
                     mean=(),
                     std=(),
                     dtype="",
@@ -240,6 +348,21 @@ class Registry:
             )
         return tuple(described)
 
+    def _member_infos(self, ensemble: EnsembleConfig) -> list[ModelInfo | ModelConfig]:
+        """What each member says of its classes and input size; NotReady while a remote member
+        has not said it yet."""
+        models = {m.name: m for m in self.config.models}
+        infos: list[ModelInfo | ModelConfig] = []
+        for member in ensemble.members:
+            info = models.get(member) or self._remote_info.get(member)
+            if info is None:
+                raise NotReady(
+                    f"ensemble {ensemble.name!r} waits for its remote member {member} to say "
+                    "what it serves"
+                )
+            infos.append(info)
+        return infos
+
     def drain(self) -> None:
         """Refuse new requests (503 / UNAVAILABLE); those already queued still run."""
         self._closed = True
@@ -249,3 +372,5 @@ class Registry:
         self._closed = True
         for model in self._models.values():
             model.batcher.close()
+        for remote in self._remotes.values():
+            remote.close()

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import uvicorn
 
+from teacher_server.server import remote
 from teacher_server.server.config import TeacherConfig
 from teacher_server.server.grpc_api import create_grpc_server, set_serving
 from teacher_server.server.http_api import create_http_app
@@ -78,7 +79,7 @@ class TeacherServer:
 
     def __init__(self, config: TeacherConfig) -> None:
         self.config = config
-        self.registry = Registry(config)
+        self.registry = Registry(config, connect=remote.connect)
         self.lifecycle = Lifecycle(config, self.registry)
         self.load_error: BaseException | None = None
         self._stopped = asyncio.Event()

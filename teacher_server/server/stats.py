@@ -1,7 +1,8 @@
 """Serving statistics per model, shown as JSON (`GET /v1/stats`) and Prometheus (`GET /metrics`).
 
 The set follows Triton's: inference count vs execution count (mean batch size), queue and
-compute time, pending images, and requests by outcome.
+compute time, pending images, and requests by outcome. An ensemble adds each member's latency
+and failures by reason, and its answers combined from fewer members than all (a quorum).
 """
 
 from __future__ import annotations
@@ -45,10 +46,19 @@ class _Histogram:
 class ModelStats:
     """Counters of one served model; thread-safe (batcher workers and the event loop write)."""
 
-    def __init__(self, name: str, pending_images: Callable[[], int] = lambda: 0) -> None:
+    def __init__(
+        self,
+        name: str,
+        pending_images: Callable[[], int] = lambda: 0,
+        *,
+        members: Iterable[str] = (),
+    ) -> None:
         self.name = name
         self._pending_images = pending_images
         self._lock = threading.Lock()
+        self._member_hist = {member: _Histogram(SECONDS_BUCKETS) for member in members}
+        self._member_failures: dict[str, Counter[str]] = {m: Counter() for m in self._member_hist}
+        self.partial_answers = 0
         self.outcomes: Counter[str] = Counter()
         self.images = 0
         self.executions = 0
@@ -76,8 +86,29 @@ class ModelStats:
             self._batch_hist.observe(batch_size)
             self._compute_hist.observe(seconds)
 
+    def record_member(self, member: str, seconds: float, failure: str | None = None) -> None:
+        """An ensemble member answered (or failed with the error named `failure`) in `seconds`."""
+        with self._lock:
+            self._member_hist[member].observe(seconds)
+            if failure is not None:
+                self._member_failures[member][failure] += 1
+
+    def record_partial_answer(self) -> None:
+        """An ensemble answered from fewer members than all (its quorum allowed it)."""
+        with self._lock:
+            self.partial_answers += 1
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
+            members = {
+                member: {
+                    "requests": sum(hist.counts),
+                    "seconds_total": hist.total,
+                    "failures": dict(self._member_failures[member]),
+                }
+                for member, hist in self._member_hist.items()
+            }
+            extra = {"members": members, "partial_answers": self.partial_answers} if members else {}
             return {
                 "requests": dict(self.outcomes),
                 "images": self.images,
@@ -91,6 +122,7 @@ class ModelStats:
                 "queue_seconds_total": self._queue_hist.total,
                 "compute_seconds_total": self._compute_hist.total,
                 "pending_images": self._pending_images(),
+                **extra,
             }
 
     def metrics(self) -> Iterator[tuple[str, Metric]]:
@@ -120,11 +152,40 @@ class ModelStats:
             for outcome, count in sorted(self.outcomes.items()):
                 requests.add_metric([self.name, outcome], count)
             yield "requests", requests
+            if self._member_hist:
+                yield from self._member_metrics()
         pending = GaugeMetricFamily(
             "kdserve_pending_images", "images waiting in the queue", labels=["model"]
         )
         pending.add_metric([self.name], self._pending_images())
         yield "pending", pending
+
+    def _member_metrics(self) -> Iterator[tuple[str, Metric]]:
+        """An ensemble's members (called with the lock held)."""
+        seconds = HistogramMetricFamily(
+            "kdserve_member_seconds",
+            "time from asking an ensemble member to its answer or failure",
+            labels=["model", "member"],
+        )
+        failures = CounterMetricFamily(
+            "kdserve_member_failures",
+            "ensemble member failures by reason (the outcome names of kdserve_inference_requests)",
+            labels=["model", "member", "reason"],
+        )
+        for member, hist in self._member_hist.items():
+            seconds.add_metric([self.name, member], hist.cumulative(), sum_value=hist.total)
+            for reason, count in sorted(self._member_failures[member].items()):
+                failures.add_metric([self.name, member, reason], count)
+        yield "member_seconds", seconds
+        yield "member_failures", failures
+        yield (
+            "partial",
+            self._counter(
+                "ensemble_partial_answers",
+                "ensemble answers combined from fewer members than all (quorum)",
+                self.partial_answers,
+            ),
+        )
 
     def _counter(self, name: str, doc: str, value: float) -> CounterMetricFamily:
         family = CounterMetricFamily(f"kdserve_{name}", doc, labels=["model"])

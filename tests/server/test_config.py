@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from teacher_server.server.config import ServerConfig, load_config
+from teacher_server.server.config import EnsembleConfig, RemoteConfig, ServerConfig, load_config
 from teacher_server.shared.settings import ConfigError
 
 MODEL = {
@@ -117,6 +118,65 @@ def test_bad_server_and_ensemble_fields(tmp_path: Path) -> None:
         load_config(write(tmp_path, {"models": [MODEL, MODEL]}), environ={})
 
 
+@pytest.mark.parametrize(
+    ("members", "expected"),
+    [
+        (["t", "ftp://host:1/t"], "must start with one of grpc://, grpcs://, http://, https://"),
+        (["t", "grpc://host/t"], "needs a host and a port"),
+        (["t", "grpc://:50051/t"], "needs a host and a port"),
+        (["t", "grpc://host:notaport/t"], "remote member 'grpc://host:notaport/t'"),
+        (["t", "grpc://host:1"], "must end with /model"),
+        (["t", "grpc://host:1/a/b"], "must end with /model"),
+        (["t", "grpc://user:pw@host:1/t"], "no user, query or fragment"),
+        (["t", "http://host:1/t?x=1"], "no user, query or fragment"),
+        (["t", "grpc://host:1/t", "grpc://host:1/t"], "listed more than once"),
+        (["t", "ghost"], "a remote member is scheme://host:port/model"),
+    ],
+)
+def test_bad_remote_members_are_named(tmp_path: Path, members: list[str], expected: str) -> None:
+    data = {"models": [MODEL], "ensembles": [{"name": "e", "members": members}]}
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(write(tmp_path, data), environ={})
+
+
+def test_remote_members_quorum_and_token(tmp_path: Path) -> None:
+    far = "grpcs://teacher-b.example:50051/vit"
+    ensemble = {"name": "e", "members": ["t", far], "quorum": 1}
+    config = load_config(
+        write(tmp_path, {"models": [MODEL], "ensembles": [ensemble], "remote": {"token": "a"}}),
+        environ={"KDSERVE_REMOTE_TOKEN": "from-env"},
+    )
+    (parsed,) = config.ensembles
+    assert parsed.local_members == ["t"] and parsed.needed == 1
+    (remote,) = parsed.remote_members
+    assert (remote.url, remote.endpoint, remote.model) == (
+        far,
+        "grpcs://teacher-b.example:50051",
+        "vit",
+    )
+    token = config.remote.token
+    assert token is not None and token.get_secret_value() == "from-env"
+    assert "from-env" not in repr(config)
+    assert config.max_images("e") == config.max_images("t")  # the remote member costs no pixels
+    only_remote = {"ensembles": [{"name": "far", "members": [far]}]}
+    assert load_config(write(tmp_path, only_remote), environ={}).models == []
+    with pytest.raises(ConfigError, match="quorum 3 but 2 members"):
+        load_config(
+            write(tmp_path, {"models": [MODEL], "ensembles": [{**ensemble, "quorum": 3}]}),
+            environ={},
+        )
+    with pytest.raises(ConfigError, match="nothing to serve"):
+        load_config(write(tmp_path, {"models": [], "ensembles": []}), environ={})
+    with pytest.raises(ConfigError, match=r"tls_cert and remote\.tls_key go together"):
+        load_config(
+            write(
+                tmp_path,
+                {"models": [MODEL], "remote": {"tls_cert": str(tmp_path / "teacher.yaml")}},
+            ),
+            environ={},
+        )
+
+
 def test_unreadable_and_non_mapping_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "missing.yaml", environ={})
@@ -145,3 +205,7 @@ def test_the_documented_example_config_is_valid() -> None:
     listed = set(yaml.safe_load(example.read_text())["server"]) | {"auth_token"}
     assert listed == set(ServerConfig.model_fields), "the example lists every server field"
     assert config.server == ServerConfig(), "the example shows the defaults"
+    raw = yaml.safe_load(example.read_text())
+    assert set(raw["remote"]) | {"token"} == set(RemoteConfig.model_fields)
+    assert config.remote == RemoteConfig(), "the example shows the remote defaults"
+    assert set(raw["ensembles"][0]) == set(EnsembleConfig.model_fields)

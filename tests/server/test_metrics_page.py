@@ -22,6 +22,13 @@ FAMILIES = {
     "kdserve_inference_requests": "counter",
     "kdserve_pending_images": "gauge",
 }
+ENSEMBLES = {"pair_logits", "pair_probs"}
+MEMBER_FAMILIES = {
+    "kdserve_member_seconds": "histogram",
+    "kdserve_member_failures": "counter",
+    "kdserve_ensemble_partial_answers": "counter",
+}
+"""An ensemble's own: each member's latency and failures, its answers from a quorum."""
 HEAP = {"kdserve_heap_trims": "counter", "kdserve_heap_trimmed_bytes": "counter"}
 PROCESS = {"process_resident_memory_bytes": "gauge", "process_cpu_seconds": "counter"}
 
@@ -41,11 +48,15 @@ def test_every_family_with_its_labels_for_every_served_name(server: ServerThread
     assert all(families[name].samples[0].value >= 0 for name in heap)
     families = {k: v for k, v in families.items() if k.startswith("kdserve_")}
     families = {k: v for k, v in families.items() if k not in HEAP}
-    assert {name: family.type for name, family in families.items()} == FAMILIES
+    assert {name: family.type for name, family in families.items()} == FAMILIES | MEMBER_FAMILIES
     for name, family in families.items():
         models = {sample.labels["model"] for sample in family.samples}
         if name == "kdserve_inference_requests":  # one sample per outcome seen so far
             assert {"small", "pair_probs"} <= models <= SERVED
+        elif name == "kdserve_member_failures":  # one sample per reason seen so far
+            assert models <= ENSEMBLES
+        elif name in MEMBER_FAMILIES:
+            assert models == ENSEMBLES, name
         else:
             assert models == SERVED, name
     requests = families["kdserve_inference_requests"].samples
@@ -63,6 +74,13 @@ def test_every_family_with_its_labels_for_every_served_name(server: ServerThread
     executions = {s.labels["model"]: s.value for s in families["kdserve_executions"].samples}
     assert executions["small"] >= 1 and executions["wide"] >= 1  # pair_probs ran both members
     assert executions["pair_probs"] == 0, "an ensemble's passes are its members'"
+    members = families["kdserve_member_seconds"].samples
+    asked = {
+        s.labels["member"]: s.value
+        for s in members
+        if s.name == "kdserve_member_seconds_count" and s.labels["model"] == "pair_probs"
+    }
+    assert asked.keys() == {"small", "wide"} and min(asked.values()) >= 1
     pending = families["kdserve_pending_images"].samples
     assert all(s.value == 0 for s in pending)
 

@@ -6,7 +6,9 @@ while another replica computes, it waits until max_batch_size images are queued 
 oldest has waited max_delay_ms. Requests queue while a replica computes, so a busy server
 forms full batches on its own. Queued images are shared among idle replicas, so one-thread
 CPU replicas compute even a lone request side by side. Sizes count images, not requests;
-a request larger than a pass is computed in several passes.
+a request larger than a pass is computed in several passes. A request whose view is the same
+as one queued or computing (`sharing`) follows it: it costs no queue room and no forward, and
+is answered with it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Protocol
 
 import torch
 
+from teacher_server.server.sharing import InFlight
 from teacher_server.server.stats import ModelStats
 from teacher_server.shared.contract import Mix
 from teacher_server.shared.errors import (
@@ -40,7 +43,11 @@ MIN_SPLIT_IMAGES = 8
 @dataclass(eq=False)
 class Job:
     """One request's images for one model; `on_done` runs once when it finishes or fails (from any
-    thread), never after `Batcher.cancel`."""
+    thread), never after `Batcher.cancel`.
+
+    A job with a `key` may lead a forward that other jobs of the same view follow (their
+    `leader`); a leader whose caller went away is `abandoned` but computed for its followers.
+    """
 
     images: torch.Tensor
     mix: Mix | None
@@ -55,6 +62,11 @@ class Job:
     compute_s: float = 0.0
     batch_sizes: list[int] = field(default_factory=list)
     finished: bool = False
+    key: bytes | None = None
+    """The view's `sharing.view_key`; None: never shared."""
+    leader: Job | None = None
+    followers: list[Job] = field(default_factory=list)
+    abandoned: bool = False
 
     @property
     def size(self) -> int:
@@ -97,6 +109,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._queue: deque[Job] = deque()
         self._queued_images = 0
+        self._in_flight: InFlight[Job] = InFlight()
         self._busy = 0
         self._closed = False
         self._seconds_per_image = 0.0
@@ -110,8 +123,9 @@ class Batcher:
             thread.start()
 
     def submit(self, job: Job) -> None:
-        """Enqueue or raise QueueFull (with a retry hint), RequestTooLarge or NotReady; never
-        blocks. The queue limit holds for the first job too: nothing overfills an empty queue."""
+        """Enqueue, or follow a job of the same view in flight, or raise QueueFull (with a retry
+        hint), RequestTooLarge or NotReady; never blocks. The queue limit holds for the first
+        job too: nothing overfills an empty queue."""
         if job.size > self.max_queue_images:
             raise RequestTooLarge(
                 f"request of {job.size} images is over model {self.name!r}'s whole queue "
@@ -121,10 +135,16 @@ class Batcher:
             if self._closed:
                 raise NotReady(f"model {self.name!r} is shutting down")
             expired = self._pop_expired(time.monotonic())
-            full = self._queued_images + job.size > self.max_queue_images
-            if not full:
+            leader = self._in_flight.leader_for(job)
+            full = leader is None and self._queued_images + job.size > self.max_queue_images
+            if leader is not None:
+                job.leader = leader
+                leader.followers.append(job)
+                leader.deadline = max(leader.deadline, job.deadline)
+            elif not full:
                 self._queue.append(job)
                 self._queued_images += job.size
+                self._in_flight.add(job)
                 self._cond.notify()
             retry = self._retry_after_s()
             queued = self._queued_images
@@ -137,11 +157,46 @@ class Batcher:
             )
 
     def cancel(self, job: Job) -> None:
-        """Forget a job whose caller went away; rows not started are never computed."""
+        """Forget a job whose caller went away; rows not started are never computed (unless
+        other requests follow it)."""
         with self._cond:
-            if not job.finished:
+            if job.finished:
+                return
+            if job.leader is not None:
                 job.finished = True
-                self._unqueue(job)
+                self._leave(job)
+            elif job.followers:
+                job.abandoned = True
+            else:
+                self._drop(job)
+
+    def _drop(self, job: Job) -> None:
+        """A leader nobody waits for any more (lock held)."""
+        job.finished = True
+        self._unqueue(job)
+        self._in_flight.remove(job)
+
+    def _leave(self, follower: Job) -> None:
+        """A follower stops waiting for its leader (lock held)."""
+        leader = follower.leader
+        assert leader is not None
+        leader.followers.remove(follower)
+        if leader.abandoned and not leader.followers:
+            self._drop(leader)
+
+    def _settle(self, job: Job) -> list[Job]:
+        """A leader is done (answered or failed): hand its outcome to its followers; the jobs
+        to notify (lock held)."""
+        job.finished = True
+        self._in_flight.remove(job)
+        for follower in job.followers:
+            follower.logits, follower.error = job.logits, job.error
+            follower.started_at, follower.compute_s = job.started_at, job.compute_s
+            follower.batch_sizes = list(job.batch_sizes)
+            follower.finished = True
+        if job.error is None and job.followers:
+            self.stats.record_shared(sum(follower.size for follower in job.followers))
+        return list(job.followers) + ([] if job.abandoned else [job])
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the workers after their current batch; fail what is still queued with NotReady."""
@@ -215,17 +270,28 @@ class Batcher:
 
     def _pop_expired(self, now: float) -> list[Job]:
         """Queued jobs whose deadline passed, whether or not some of their rows were computed:
-        a long request stops between passes (lock held)."""
+        a long request stops between passes; and their followers whose own deadline passed
+        (lock held)."""
         expired = [job for job in self._queue if job.deadline <= now]
         for job in expired:
             self._unqueue(job)
-        return expired
+        return expired + [
+            follower
+            for job in self._queue
+            for follower in job.followers
+            if follower.deadline <= now
+        ]
 
     def _fail_expired(self, jobs: list[Job]) -> None:
         now = time.monotonic()
         for job in jobs:
             waited = now - job.enqueued_at
-            if job.started_at is None:
+            if job.leader is not None:
+                what = (
+                    f"waited {waited:.3f}s in model {self.name!r} for the forward it shares with "
+                    "a request of the same view"
+                )
+            elif job.started_at is None:
                 what = f"waited {waited:.3f}s in model {self.name!r}'s queue; it was not computed"
             else:
                 what = (
@@ -314,8 +380,7 @@ class Batcher:
                 job.compute_s += elapsed
                 job.batch_sizes.append(batch_size)
                 if job.rows_done == job.size:
-                    job.finished = True
-                    done.append(job)
+                    done += self._settle(job)
         for job in done:
             self._notify(job)
 
@@ -323,10 +388,16 @@ class Batcher:
         with self._cond:
             if job.finished:
                 return
-            job.finished = True
             job.error = error
-            self._unqueue(job)
-        self._notify(job)
+            if job.leader is not None:
+                job.finished = True
+                self._leave(job)
+                failed = [job]
+            else:
+                self._unqueue(job)
+                failed = self._settle(job)
+        for each in failed:
+            self._notify(each)
 
     def _notify(self, job: Job) -> None:
         """Hand a finished job to its caller; a failing callback cannot keep the others waiting."""

@@ -53,6 +53,8 @@ class ServerConfig(_Strict):
     max_batch_size: int = Field(256, ge=1)
     max_delay_ms: float = Field(2.0, ge=0)
     max_queue_images: int = Field(4096, ge=1)
+    share_forwards: bool = True
+    """Requests of the same view and mix in flight on one model share one forward (`sharing`)."""
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_request_images: int = Field(1024, ge=1)
     max_request_pixels: int = Field(1024 * 224 * 224, ge=1)

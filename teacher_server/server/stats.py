@@ -1,7 +1,8 @@
 """Serving statistics per model, shown as JSON (`GET /v1/stats`) and Prometheus (`GET /metrics`).
 
 The set follows Triton's: inference count vs execution count (mean batch size), queue and
-compute time, pending images, and requests by outcome. An ensemble adds each member's latency
+compute time, pending images, requests by outcome, and the images answered without a forward
+of their own (shared with a request of the same view). An ensemble adds each member's latency
 and failures by reason, and its answers combined from fewer members than all (a quorum).
 """
 
@@ -59,6 +60,7 @@ class ModelStats:
         self._member_hist = {member: _Histogram(SECONDS_BUCKETS) for member in members}
         self._member_failures: dict[str, Counter[str]] = {m: Counter() for m in self._member_hist}
         self.partial_answers = 0
+        self.shared_images = 0
         self.outcomes: Counter[str] = Counter()
         self.images = 0
         self.executions = 0
@@ -85,6 +87,11 @@ class ModelStats:
             self.batch_sizes[batch_size] += 1
             self._batch_hist.observe(batch_size)
             self._compute_hist.observe(seconds)
+
+    def record_shared(self, images: int) -> None:
+        """`images` were answered from a forward computed for another request of the same view."""
+        with self._lock:
+            self.shared_images += images
 
     def record_member(self, member: str, seconds: float, failure: str | None = None) -> None:
         """An ensemble member answered (or failed with the error named `failure`) in `seconds`."""
@@ -122,6 +129,7 @@ class ModelStats:
                 "queue_seconds_total": self._queue_hist.total,
                 "compute_seconds_total": self._compute_hist.total,
                 "pending_images": self._pending_images(),
+                "shared_images": self.shared_images,
                 **extra,
             }
 
@@ -132,6 +140,14 @@ class ModelStats:
                 self._counter("executions", "forward passes (batches)", self.executions),
             )
             yield "images", self._counter("inference_images", "images answered", self.images)
+            yield (
+                "shared",
+                self._counter(
+                    "shared_images",
+                    "images answered from a forward computed for a request of the same view",
+                    self.shared_images,
+                ),
+            )
             yield (
                 "batch",
                 self._histogram("batch_size", "images per forward pass", self._batch_hist),

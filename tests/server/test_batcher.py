@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from teacher_server.server.batcher import Batcher, Job
+from teacher_server.server.sharing import view_key
 from teacher_server.shared.contract import Mix
 from teacher_server.shared.errors import (
     DeadlineExceeded,
@@ -400,3 +401,131 @@ def test_a_failing_callback_keeps_no_other_caller_waiting(make_batcher, finished
     finished.wait(blocker, second)
     assert runner.passes[1] == [10.0, 11.0, 20.0, 21.0]
     assert_answered(second)
+
+
+def keyed(finished: Finished, images: torch.Tensor, mix: Mix | None = None, **options) -> Job:
+    """A job that may share its forward (the key the lifecycle gives it)."""
+    job = finished.job(images, mix, **options)
+    job.key = view_key(images, mix)
+    return job
+
+
+def test_the_same_view_in_flight_costs_one_forward_and_no_queue_room(make_batcher, finished):
+    runner = FakeRunner()
+    batcher = make_batcher(runner, max_batch_size=64, max_queue_images=4)
+    blocker = start_held(batcher, runner, finished)
+    leader = keyed(finished, request(10, 3))
+    followers = [keyed(finished, request(10, 3)) for _ in range(3)]
+    for job in (leader, *followers):
+        batcher.submit(job)  # 3 queued images: the followers would not fit in the queue
+    assert batcher.stats.snapshot()["pending_images"] == 3
+    runner.release.set()
+    finished.wait(blocker, leader, *followers)
+
+    assert runner.passes == [[0.0], [10.0, 11.0, 12.0]]
+    for job in (leader, *followers):
+        assert_answered(job)
+        assert job.batch_sizes == [3] and job.started_at == leader.started_at
+    assert all(job.logits is leader.logits for job in followers)
+    assert batcher.stats.shared_images == 9
+    later = keyed(finished, request(10, 3))
+    batcher.submit(later)  # the answered forward is not a cache: this one is computed
+    finished.wait(later)
+    assert runner.passes[-1] == [10.0, 11.0, 12.0] and len(runner.passes) == 3
+
+
+def test_other_bytes_mix_or_dtype_are_not_shared_even_with_a_colliding_key(make_batcher, finished):
+    runner = FakeRunner()
+    batcher = make_batcher(runner, max_batch_size=64)
+    blocker = start_held(batcher, runner, finished)
+    leader = keyed(finished, request(10, 2))
+    mixed = keyed(finished, request(10, 2), Mix("mixup", (1, 0), lam=0.5))
+    halved = keyed(finished, request(10, 2).half())
+    collided = finished.job(request(20, 2))
+    collided.key = leader.key  # a hash collision: the equality check keeps them apart
+    unkeyed = finished.job(request(10, 2))
+    for job in (leader, mixed, halved, collided, unkeyed):
+        batcher.submit(job)
+    runner.release.set()
+    finished.wait(blocker, leader, mixed, halved, collided, unkeyed)
+
+    assert sum(runner.sizes) == 1 + 10 and batcher.stats.shared_images == 0
+    for job in (leader, halved, collided, unkeyed):
+        assert_answered(job)
+
+
+def test_a_leader_whose_caller_left_is_computed_for_its_followers(make_batcher, finished):
+    runner = FakeRunner()
+    batcher = make_batcher(runner, max_batch_size=64)
+    blocker = start_held(batcher, runner, finished)
+    leader, follower = keyed(finished, request(10, 2)), keyed(finished, request(10, 2))
+    alone, alone_follower = keyed(finished, request(20, 2)), keyed(finished, request(20, 2))
+    for job in (leader, follower, alone, alone_follower):
+        batcher.submit(job)
+    batcher.cancel(leader)
+    batcher.cancel(alone_follower)
+    batcher.cancel(alone)  # nobody waits for 20, 21 any more: never computed
+    runner.release.set()
+    finished.wait(blocker, follower)
+
+    assert_answered(follower)
+    assert runner.passes == [[0.0], [10.0, 11.0]]
+    assert leader not in finished.jobs and alone not in finished.jobs
+    assert alone_follower not in finished.jobs
+    assert batcher.stats.snapshot()["pending_images"] == 0
+
+
+def test_a_follower_expires_on_its_own_deadline(make_batcher, finished):
+    runner = FakeRunner()
+    batcher = make_batcher(runner, max_batch_size=64)
+    blocker = start_held(batcher, runner, finished)
+    leader = keyed(finished, request(10, 2))
+    hurried = keyed(finished, request(10, 2), deadline_s=0.05)
+    batcher.submit(leader)
+    batcher.submit(hurried)
+    time.sleep(0.1)
+    runner.release.set()
+    finished.wait(blocker, leader, hurried)
+
+    assert_answered(leader)
+    assert isinstance(hurried.error, DeadlineExceeded) and hurried.logits is None
+    assert "shares with a request of the same view" in hurried.error.message
+    assert batcher.stats.shared_images == 0
+
+
+def test_followers_share_their_leaders_failure_and_shutdown(make_batcher, finished):
+    runner = FakeRunner(poison=11.0)
+    batcher = make_batcher(runner, max_batch_size=64)
+    blocker = start_held(batcher, runner, finished)
+    leader, follower = keyed(finished, request(10, 2)), keyed(finished, request(10, 2))
+    batcher.submit(leader)
+    batcher.submit(follower)
+    runner.release.set()
+    finished.wait(blocker, leader, follower)
+    assert isinstance(follower.error, ModelFailure) and follower.error is leader.error
+
+    blocker = start_held(batcher, runner, finished)
+    queued, waiting = keyed(finished, request(20, 2)), keyed(finished, request(20, 2))
+    batcher.submit(queued)
+    batcher.submit(waiting)
+    closing = threading.Thread(target=batcher.close, kwargs={"timeout_s": TIMEOUT_S})
+    closing.start()
+    finished.wait(queued, waiting)
+    runner.release.set()
+    closing.join()
+    assert isinstance(waiting.error, NotReady) and waiting.error is queued.error
+
+
+def test_view_key_depends_on_bytes_dtype_shape_and_mix() -> None:
+    images = request(0, 4)
+    key = view_key(images, None)
+    assert view_key(images.clone(), None) == key
+    assert view_key(images[:, :, :2].contiguous(), None) != key
+    assert view_key(images.view(2, 2, *IMAGE_SHAPE).flatten(0, 1), None) == key
+    assert view_key(images.double(), None) != key
+    assert view_key(images.to(torch.bfloat16), None) != view_key(images.half(), None)
+    assert view_key(images, Mix("mixup", (1, 0, 3, 2), lam=0.5)) != key
+    changed = images.clone()
+    changed[3, 2, 3, 3] += 1
+    assert view_key(changed, None) != key
+    assert view_key(images.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2), None) == key

@@ -16,6 +16,7 @@ SERVED = {"small", "wide", "pair_logits", "pair_probs"}
 FAMILIES = {
     "kdserve_executions": "counter",
     "kdserve_inference_images": "counter",
+    "kdserve_shared_images": "counter",
     "kdserve_batch_size": "histogram",
     "kdserve_queue_seconds": "histogram",
     "kdserve_compute_seconds": "histogram",

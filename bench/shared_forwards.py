@@ -39,8 +39,6 @@ from student_worker.runlog import RunLog
 TEACHER = "kdserve:resnet32"
 STUDENT = "kdserve:resnet8"
 BATCH = 64
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 
 
 def executed_images(url: str) -> int:
@@ -109,8 +107,8 @@ def main() -> None:
             "random_init": True,
             "num_classes": 10,
             "input_size": 32,
-            "mean": list(MEAN),
-            "std": list(STD),
+            "mean": list(throughput.MEAN),
+            "std": list(throughput.STD),
         },
         32,
         BATCH,

@@ -58,12 +58,14 @@ def connect_teacher(
 ) -> tuple[TeacherRequests, tuple[int, int]]:
     """The teacher named in `settings` and its input size; NoTeacher if it cannot teach."""
     token = settings.token.get_secret_value() if settings.token else None
+    run_id = f"{run_name}-{uuid.uuid4().hex[:8]}"
     client = TeacherClient.connect(
         settings.endpoints,
         token=token,
         timeout_s=settings.timeout_s,
         tls=settings.tls(),
         allow_insecure_token=settings.allow_insecure_token,
+        client_id=run_id,
     )
     try:
         info = _served_teacher(client, settings, num_classes=num_classes, data_name=data_name)
@@ -71,7 +73,6 @@ def connect_teacher(
         client.close()
         raise
     client.retry = RetryPolicy.patient()
-    run_id = f"{run_name}-{uuid.uuid4().hex[:8]}"
     return TeacherRequests(client, info.name, run_id=run_id), info.input_size
 
 

@@ -225,11 +225,17 @@ def grpc_status(server: ServerThread, fields: dict[str, Any], **options: Any) ->
     return grpc.StatusCode.OK if error is None else error.code()  # type: ignore[attr-defined]
 
 
+BUSY_CLIENT = "busy-test-client"
+"""The client_id of `occupy_slow_model`'s request. A request meant to wait behind it sends the
+same id: passes take different clients in turn, so another client's request goes first."""
+
+
 def occupy_slow_model(server: ServerThread, images: int) -> threading.Thread:
     """Queue one big request on the strict server's slow model (images / SLOW_BATCH passes)."""
     fields = {
         "model": "slow",
         "images": tensor_map(torch.zeros(images, 3, 8, 8, dtype=torch.uint8)),
+        "client_id": BUSY_CLIENT,
     }
     thread = threading.Thread(
         target=post, args=(server, fields), kwargs={"model": "slow", "timeout": 60}

@@ -51,6 +51,8 @@ class InferOptions(TypedDict, total=False):
     output_dtype: OutputDtype
     request_id: str
     timeout_s: float
+    client_id: str
+    """Whom the server batches the request as (default: the client's own `client_id`)."""
 
 
 class TopK(NamedTuple):
@@ -72,11 +74,14 @@ class TeacherClient:
         max_request_bytes: int | None = None,
         tls: ClientTls | None = None,
         allow_insecure_token: bool = False,
+        client_id: str | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("TeacherClient needs at least one endpoint")
         self.endpoints = list(endpoints)
         self.model = model
+        self.client_id = client_id or uuid.uuid4().hex
+        """Sent with every request: the server's batches take clients in turn (fairness)."""
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
         self._connections: list[Connection] = [
@@ -170,6 +175,7 @@ class TeacherClient:
             output_dtype=options.get("output_dtype", "float32"),
             top_k=top_k,
             request_id=options.get("request_id") or uuid.uuid4().hex,
+            client_id=options.get("client_id") or self.client_id,
         )
 
     def _request_limits(self, model: str, deadline: float, timeout_s: float) -> tuple[int, int]:

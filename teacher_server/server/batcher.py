@@ -6,7 +6,11 @@ while another replica computes, it waits until max_batch_size images are queued 
 oldest has waited max_delay_ms. Requests queue while a replica computes, so a busy server
 forms full batches on its own. Queued images are shared among idle replicas, so one-thread
 CPU replicas compute even a lone request side by side. Sizes count images, not requests;
-a request larger than a pass is computed in several passes. A request whose view is the same
+a request larger than a pass is computed in several passes. A pass takes the clients with
+queued images in turn (each its equal share of the pass, from its oldest request on), so one
+student with many requests queued cannot starve another; and when the queue is full, a
+client holding less than its equal share of it gets room: the newest requests of the client
+holding the most are pushed out with QueueFull. A request whose view is the same
 as one queued or computing (`sharing`) follows it: it costs no queue room and no forward, and
 is answered with it.
 """
@@ -62,6 +66,8 @@ class Job:
     compute_s: float = 0.0
     batch_sizes: list[int] = field(default_factory=list)
     finished: bool = False
+    client: str = ""
+    """Who sent it (`InferRequest.client_id`, or the connection): passes take clients in turn."""
     key: bytes | None = None
     """The view's `sharing.view_key`; None: never shared."""
     leader: Job | None = None
@@ -137,6 +143,8 @@ class Batcher:
             expired = self._pop_expired(time.monotonic())
             leader = self._in_flight.leader_for(job)
             full = leader is None and self._queued_images + job.size > self.max_queue_images
+            pushed = self._push_out(job) if full else []
+            full = full and pushed is None
             if leader is not None:
                 job.leader = leader
                 leader.followers.append(job)
@@ -149,12 +157,51 @@ class Batcher:
             retry = self._retry_after_s()
             queued = self._queued_images
         self._fail_expired(expired)
+        for victim in pushed or ():
+            self._fail(
+                victim,
+                QueueFull(
+                    f"model {self.name!r}'s queue is full and this client holds more than its "
+                    f"equal share of it: this request made room for another client's; retry in "
+                    f"{retry:.2f}s",
+                    retry_after_s=retry,
+                ),
+            )
         if full:
             raise QueueFull(
                 f"model {self.name!r} has {queued} images queued (max_queue_images "
                 f"{self.max_queue_images}), no room for {job.size} more; retry in {retry:.2f}s",
                 retry_after_s=retry,
             )
+
+    def _push_out(self, job: Job) -> list[Job] | None:
+        """Room in a full queue for a client that holds less than its equal share of it: the
+        newest requests not started (nor followed) of the clients holding the most, while
+        they hold more than their share, are taken off the queue for the caller to fail with
+        QueueFull (their client retries). None: no room is made (lock held)."""
+        held: dict[str, int] = {job.client: 0}
+        movable: dict[str, list[Job]] = {}
+        for queued in self._queue:
+            held[queued.client] = held.get(queued.client, 0) + queued.size - queued.next_row
+            if queued.client != job.client and queued.next_row == 0 and not queued.followers:
+                movable.setdefault(queued.client, []).append(queued)
+        share = self.max_queue_images // len(held)
+        if held[job.client] + job.size > share:
+            return None
+        need = self._queued_images + job.size - self.max_queue_images
+        victims: list[Job] = []
+        while need > 0:
+            richest = max((c for c in movable if movable[c]), key=held.__getitem__, default=None)
+            if richest is None or held[richest] <= share:
+                return None
+            victim = movable[richest].pop()
+            victims.append(victim)
+            held[richest] -= victim.size
+            need -= victim.size
+        for victim in victims:
+            self._unqueue(victim)
+            self._in_flight.remove(victim)
+        return victims
 
     def cancel(self, job: Job) -> None:
         """Forget a job whose caller went away; rows not started are never computed (unless
@@ -317,21 +364,38 @@ class Batcher:
         return min(self.max_batch_size, share)
 
     def _take(self, now: float, limit: int) -> list[Chunk]:
-        chunks: list[Chunk] = []
+        """Up to `limit` queued images for one pass, the clients in turn: each turn gives every
+        client with images queued an equal share of the room left, from its oldest request on
+        (one client alone: first come, first served). Lock held."""
+        waiting: dict[str, deque[Job]] = {}
+        for job in self._queue:
+            waiting.setdefault(job.client, deque()).append(job)
+        taken: dict[Job, tuple[int, int]] = {}
         capacity = limit
-        while self._queue and capacity:
-            job = self._queue[0]
-            if job.started_at is None:
-                job.started_at = now
-                self.stats.record_queue(now - job.enqueued_at)
-            take = min(job.size - job.next_row, capacity)
-            chunks.append((job, job.next_row, job.next_row + take))
-            job.next_row += take
-            capacity -= take
-            self._queued_images -= take
-            if job.next_row == job.size:
-                self._queue.popleft()
-        return chunks
+        while capacity and waiting:
+            share = max(1, capacity // len(waiting))
+            for client in list(waiting):
+                jobs, allowance = waiting[client], min(share, capacity)
+                while jobs and allowance:
+                    job = jobs[0]
+                    if job.started_at is None:
+                        job.started_at = now
+                        self.stats.record_queue(now - job.enqueued_at)
+                    take = min(job.size - job.next_row, allowance)
+                    taken[job] = (taken.get(job, (job.next_row, 0))[0], job.next_row + take)
+                    job.next_row += take
+                    allowance -= take
+                    capacity -= take
+                    if job.next_row == job.size:
+                        jobs.popleft()
+                if not jobs:
+                    del waiting[client]
+                if not capacity:
+                    break
+        self._queued_images -= limit - capacity
+        if any(job.next_row == job.size for job in taken):
+            self._queue = deque(job for job in self._queue if job.next_row < job.size)
+        return [(job, start, stop) for job, (start, stop) in taken.items()]
 
     def _compute(self, runner: Runner, chunks: list[Chunk]) -> None:
         started = time.monotonic()

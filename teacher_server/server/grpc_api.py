@@ -57,7 +57,9 @@ class TeacherService:
             self.lifecycle.authorize(authorization(context))
             self.lifecycle.check_size(len(body))
             decode = partial(wire.request_from_protobuf, body)
-            result = await self.lifecycle.infer(decode, timeout_s=context.time_remaining())
+            result = await self.lifecycle.infer(
+                decode, timeout_s=context.time_remaining(), peer=context.peer()
+            )
         except TeacherError as error:
             await abort(context, error)
             raise AssertionError("unreachable: abort raises") from error

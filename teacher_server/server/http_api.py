@@ -83,6 +83,12 @@ async def read_body(request: Request, lifecycle: Lifecycle) -> bytes:
     return b"".join(chunks)
 
 
+def peer_of(request: Request) -> str:
+    """The connection a request came on, the client it is batched as without a client_id."""
+    client = request.client
+    return "" if client is None else f"http:{client.host}:{client.port}"
+
+
 def _timeout_s(request: Request) -> float | None:
     value = request.headers.get(wire.TIMEOUT_HEADER)
     if value is None:
@@ -153,7 +159,7 @@ def create_http_app(lifecycle: Lifecycle, collectors: Iterable[Collector] = ()) 
             )
         body = await read_body(request, lifecycle)
         decode = partial(wire.request_from_msgpack, body, path_model=name)
-        answer = lifecycle.infer(decode, timeout_s=_timeout_s(request))
+        answer = lifecycle.infer(decode, timeout_s=_timeout_s(request), peer=peer_of(request))
         result = await unless_disconnected(request, answer)
         if result is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)

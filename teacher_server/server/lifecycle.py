@@ -11,6 +11,7 @@ the one error table; the transports only decode, call this and encode.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import math
@@ -106,18 +107,23 @@ class Lifecycle:
             )
 
     async def infer(
-        self, decode: Callable[[], InferRequest], *, timeout_s: float | None = None
+        self,
+        decode: Callable[[], InferRequest],
+        *,
+        timeout_s: float | None = None,
+        peer: str = "",
     ) -> InferResult:
         """Decode and validate a request, queue it on every member model, wait, combine, temper.
 
         `decode` is the transport's decoder bound to the body, so a request that fails
-        validation is counted against the model it named. An unexpected exception becomes a
+        validation is counted against the model it named. `peer` (the connection) is the
+        client a request without a client_id is batched as. An unexpected exception becomes a
         500 / INTERNAL TeacherError.
         """
         self._in_flight += 1
         self._idle.clear()
         try:
-            return await self._answer(decode, timeout_s)
+            return await self._answer(decode, timeout_s, peer)
         except (TeacherError, asyncio.CancelledError):
             raise
         except Exception as exc:
@@ -150,10 +156,12 @@ class Lifecycle:
         return True
 
     async def _answer(
-        self, decode: Callable[[], InferRequest], timeout_s: float | None
+        self, decode: Callable[[], InferRequest], timeout_s: float | None, peer: str
     ) -> InferResult:
         received = time.monotonic()
         request = self.decoded(decode)
+        if not request.client_id and peer:
+            request = dataclasses.replace(request, client_id=peer)
         target = self.registry.get(request.model)
         try:
             result = await self._infer(target, request, received, timeout_s)
@@ -238,12 +246,15 @@ class Lifecycle:
                             _resolver(loop, future),
                             enqueued_at=received,
                             key=key,
+                            client=request.client_id,
                         )
                         member.batcher.submit(job)
                         submitted.append((job, member))
                         asked.append(future)
                     else:
-                        remote = member.submit(request.images, request.mix, deadline)
+                        remote = member.submit(
+                            request.images, request.mix, deadline, request.client_id
+                        )
                         sent.append(remote)
                         asked.append(asyncio.wrap_future(remote))
                 except TeacherError as error:

@@ -55,12 +55,12 @@ class InferenceService:
         info = oip.find_model(self.lifecycle.describe().models, request.name, request.version)
         return v2.ModelMetadataResponse.FromString(oip.model_metadata_to_grpc(info))
 
-    async def model_infer(self, body: bytes, timeout_s: float | None) -> bytes:
+    async def model_infer(self, body: bytes, timeout_s: float | None, peer: str) -> bytes:
         self.lifecycle.check_size(len(body))
         decoded = self.lifecycle.decoded(partial(oip.request_from_grpc, body))
         if decoded.timeout_s is not None:
             timeout_s = min(decoded.timeout_s, timeout_s or decoded.timeout_s)
-        result = await self.lifecycle.infer(lambda: decoded.request, timeout_s=timeout_s)
+        result = await self.lifecycle.infer(lambda: decoded.request, timeout_s=timeout_s, peer=peer)
         return oip.result_to_grpc(result, decoded)
 
 
@@ -86,7 +86,7 @@ def oip_methods(lifecycle: Lifecycle) -> grpc.GenericRpcHandler[bytes, bytes]:
     async def infer(body: bytes, context: Context) -> bytes:
         try:
             lifecycle.authorize(authorization(context))
-            return await service.model_infer(body, context.time_remaining())
+            return await service.model_infer(body, context.time_remaining(), context.peer())
         except TeacherError as error:
             await abort(context, error)
             raise AssertionError("unreachable: abort raises") from error

@@ -18,6 +18,7 @@ from fastapi.routing import APIRoute
 from teacher_server.server.http_api import (
     CLIENT_CLOSED_REQUEST,
     error_headers,
+    peer_of,
     read_body,
     unless_disconnected,
 )
@@ -91,7 +92,9 @@ def create_oip_router(lifecycle: Lifecycle) -> APIRouter:
         body = await read_body(request, lifecycle)
         header_length = request.headers.get(oip.HEADER_LENGTH)
         decoded = lifecycle.decoded(partial(oip.request_from_rest, body, header_length, name))
-        answer = lifecycle.infer(lambda: decoded.request, timeout_s=decoded.timeout_s)
+        answer = lifecycle.infer(
+            lambda: decoded.request, timeout_s=decoded.timeout_s, peer=peer_of(request)
+        )
         result = await unless_disconnected(request, answer)
         if result is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)

@@ -96,11 +96,12 @@ class RemoteModel(Protocol):
         ...
 
     def submit(
-        self, images: torch.Tensor, mix: Mix | None, deadline: float
+        self, images: torch.Tensor, mix: Mix | None, deadline: float, client_id: str
     ) -> Future[MemberAnswer]:
-        """Ask for a request's raw logits by `deadline` (monotonic); raise QueueFull when too
-        many requests are in flight already. The future's error is a TeacherError naming
-        the member."""
+        """Ask for a request's raw logits by `deadline` (monotonic), as sent by `client_id`
+        (the member's batches take the students in turn, not this server as one client);
+        raise QueueFull when too many requests are in flight already. The future's error is
+        a TeacherError naming the member."""
         ...
 
     def close(self) -> None: ...

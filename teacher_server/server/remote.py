@@ -1,14 +1,14 @@
 """Ensemble members on other teacher servers, asked through the students' own client.
 
 A remote member is named `grpc://host:port/model` (or grpcs://, http://, https://) in an
-ensemble's members. The front server forwards each request as it came (the view bytes and
-the mix parameters; the member mixes and resizes it for its own model) and asks for raw
-float32 logits at temperature 1, so the ensemble is combined here exactly as from local
-members. Calls run in a bounded pool of threads per member (`remote.max_in_flight`; beyond
-it a request gets 429). Every failure is a TeacherError naming the member: a member that is
-down, slow (`remote.timeout_s`, else the request's deadline), refuses this server's token
-or no longer serves the model answers 503 / UNAVAILABLE; its 429, 400, 413 and 500 keep
-their class.
+ensemble's members. The front server forwards each request as it came (the view bytes, the
+mix parameters and the client_id, so the member's batches take the students in turn; the
+member mixes and resizes the view for its own model) and asks for raw float32 logits at
+temperature 1, so the ensemble is combined here exactly as from local members. Calls run in
+a bounded pool of threads per member (`remote.max_in_flight`; beyond it a request gets 429).
+Every failure is a TeacherError naming the member: a member that is down, slow
+(`remote.timeout_s`, else the request's deadline), refuses this server's token or no longer
+serves the model answers 503 / UNAVAILABLE; its 429, 400, 413 and 500 keep their class.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class RemoteModel:
         return info
 
     def submit(
-        self, images: torch.Tensor, mix: Mix | None, deadline: float
+        self, images: torch.Tensor, mix: Mix | None, deadline: float, client_id: str
     ) -> Future[MemberAnswer]:
         """Send a request on a pool thread; QueueFull when max_in_flight are out already."""
         with self._lock:
@@ -105,7 +105,7 @@ class RemoteModel:
                 )
             self._in_flight += 1
         try:
-            future = self._pool.submit(self._ask, images, mix, deadline)
+            future = self._pool.submit(self._ask, images, mix, deadline, client_id)
         except RuntimeError:
             self._release()
             raise NotReady("server is shutting down") from None
@@ -116,13 +116,15 @@ class RemoteModel:
         with self._lock:
             self._in_flight -= 1
 
-    def _ask(self, images: torch.Tensor, mix: Mix | None, deadline: float) -> MemberAnswer:
+    def _ask(
+        self, images: torch.Tensor, mix: Mix | None, deadline: float, client_id: str
+    ) -> MemberAnswer:
         sent = time.monotonic()
         limit_s = min(deadline - sent, self.settings.timeout_s or math.inf)
         if limit_s <= 0:
             raise NotReady(f"ensemble member {self.name}: no time left to ask it")
         try:
-            reply = self._client.request(images, mix=mix, timeout_s=limit_s)
+            reply = self._client.request(images, mix=mix, timeout_s=limit_s, client_id=client_id)
         except TimedOut:
             raise NotReady(
                 f"ensemble member {self.name} is unavailable: no answer in {limit_s:.2f}s"

@@ -81,6 +81,9 @@ class InferRequest:
     output_dtype: OutputDtype = "float32"
     top_k: int | None = None
     request_id: str = ""
+    client_id: str = ""
+    """Who sends it (a student run): the batcher takes requests round robin per client; empty,
+    the server uses the connection."""
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,7 @@ def checked_request(
     output_dtype: str | None,
     top_k: int | None,
     request_id: str | None,
+    client_id: str | None = None,
 ) -> InferRequest:
     """A request from its decoded fields; None means absent and takes the default."""
     if not model:
@@ -281,6 +285,12 @@ def checked_request(
             f"request_id must be a string of at most {MAX_REQUEST_ID} characters, "
             f"got {request_id!r:.80}"
         )
+    client_id = "" if client_id is None else client_id
+    if len(client_id) > MAX_REQUEST_ID:
+        raise InvalidRequest(
+            f"client_id must be a string of at most {MAX_REQUEST_ID} characters, "
+            f"got {client_id!r:.80}"
+        )
     return InferRequest(
         model=model,
         images=images,
@@ -290,6 +300,7 @@ def checked_request(
         output_dtype=output_dtype,
         top_k=top_k,
         request_id=request_id,
+        client_id=client_id,
     )
 
 

@@ -63,6 +63,7 @@ PARAMETERS = frozenset(
         "mix_lam",
         "timeout",
         "binary_data_output",
+        "client_id",
     }
 )
 MAX_NESTING = 8
@@ -254,6 +255,7 @@ def _checked(
         output_dtype=None if output_dtype is None else OUTPUT_DTYPES[output_dtype],
         top_k=_param(parameters, "top_k", int),
         request_id=request_id,
+        client_id=_param(parameters, "client_id", str),
     )
     available = (LOGITS,) if request.top_k is None else (TOP_K_VALUES, TOP_K_INDICES)
     names = tuple(name for name, _ in outputs) or available

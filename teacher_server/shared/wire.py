@@ -52,7 +52,17 @@ def retry_after_ms(seconds: float) -> str:
 
 
 REQUEST_FIELDS = frozenset(
-    {"model", "images", "mix", "temperature", "output", "output_dtype", "top_k", "request_id"}
+    {
+        "model",
+        "images",
+        "mix",
+        "temperature",
+        "output",
+        "output_dtype",
+        "top_k",
+        "request_id",
+        "client_id",
+    }
 )
 TENSOR_FIELDS = frozenset({"dtype", "shape", "data"})
 MIX_FIELDS = frozenset({"mode", "perm", "lam", "box"})
@@ -78,6 +88,8 @@ def request_to_msgpack(request: InferRequest) -> bytes:
         fields["top_k"] = request.top_k
     if request.mix is not None:
         fields["mix"] = _mix_map(request.mix)
+    if request.client_id:
+        fields["client_id"] = request.client_id
     packed: bytes = msgpack.packb(fields, use_bin_type=True)
     return packed
 
@@ -108,6 +120,7 @@ def request_from_msgpack(body: bytes, *, path_model: str | None = None) -> Infer
             output_dtype=_typed(fields, "output_dtype", str, "a string"),
             top_k=_integer(fields, "top_k"),
             request_id=_typed(fields, "request_id", str, "a string"),
+            client_id=_typed(fields, "client_id", str, "a string"),
         )
     except InvalidRequest as error:
         error.model = model or path_model
@@ -122,6 +135,7 @@ def request_to_protobuf(request: InferRequest) -> bytes:
         output=request.output,
         output_dtype=request.output_dtype,
         request_id=request.request_id,
+        client_id=request.client_id,
     )
     if request.top_k is not None:
         message.top_k = request.top_k
@@ -153,6 +167,7 @@ def request_from_protobuf(body: bytes) -> InferRequest:
             output_dtype=message.output_dtype if message.HasField("output_dtype") else None,
             top_k=message.top_k if message.HasField("top_k") else None,
             request_id=message.request_id,
+            client_id=message.client_id,
         )
     except InvalidRequest as error:
         error.model = model or None

@@ -13,6 +13,7 @@ from teacher_server.server.serve import ServerThread
 from teacher_server.shared.contract import Mix
 from teacher_server.shared.errors import DeadlineExceeded, InvalidRequest, ModelNotFound
 from tests.helpers import (
+    BUSY_CLIENT,
     TOKEN,
     in_process,
     model_stats,
@@ -96,7 +97,7 @@ def test_call_timeout(strict_server: ServerThread) -> None:
     try:
         with (
             TeacherClient.connect(
-                strict_server.endpoints.http_url, token=TOKEN, model="slow"
+                strict_server.endpoints.http_url, token=TOKEN, model="slow", client_id=BUSY_CLIENT
             ) as client,
             pytest.raises(DeadlineExceeded),
         ):

@@ -529,3 +529,103 @@ def test_view_key_depends_on_bytes_dtype_shape_and_mix() -> None:
     changed[3, 2, 3, 3] += 1
     assert view_key(changed, None) != key
     assert view_key(images.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2), None) == key
+
+
+def test_a_pass_takes_the_clients_in_turn(make_batcher, finished):
+    """A greedy client with four requests queued and a polite one with one: the next pass
+    holds half of each, not the greedy client's two oldest requests."""
+    runner = FakeRunner()
+    batcher = make_batcher(runner, max_batch_size=8)
+    blocker = start_held(batcher, runner, finished)
+    greedy = [finished.job(request(10 * (i + 1), 4)) for i in range(4)]
+    polite = finished.job(request(100, 4))
+    for job in greedy:
+        job.client = "greedy"
+    polite.client = "polite"
+    for job in (*greedy, polite):
+        batcher.submit(job)
+    runner.release.set()
+    finished.wait(blocker, *greedy, polite)
+
+    assert runner.passes[1] == [10.0, 11.0, 12.0, 13.0, 100.0, 101.0, 102.0, 103.0]
+    assert runner.passes[2:] == [
+        [20.0, 21.0, 22.0, 23.0, 30.0, 31.0, 32.0, 33.0],
+        [40.0, 41.0, 42.0, 43.0],
+    ]
+    for job in (*greedy, polite):
+        assert_answered(job)
+    assert polite.batch_sizes == [8]
+
+
+def test_clients_share_a_pass_equally_and_split_requests_across_passes(make_batcher, finished):
+    runner = FakeRunner()
+    batcher = make_batcher(runner, max_batch_size=6)
+    blocker = start_held(batcher, runner, finished)
+    jobs = {
+        name: finished.job(request(first, 6)) for name, first in (("a", 10), ("b", 20), ("c", 30))
+    }
+    for name, job in jobs.items():
+        job.client = name
+        batcher.submit(job)
+    runner.release.set()
+    finished.wait(blocker, *jobs.values())
+
+    assert runner.passes[1] == [10.0, 11.0, 20.0, 21.0, 30.0, 31.0]
+    assert sorted(runner.sizes[1:]) == [6, 6, 6]
+    for job in jobs.values():
+        assert_answered(job)
+        assert job.batch_sizes == [6, 6, 6]
+
+
+def test_a_full_queue_makes_room_for_a_client_under_its_share(make_batcher, finished):
+    """The greedy client fills the queue; the polite one's request pushes out the greedy
+    client's newest (QueueFull, so it retries) but only up to the polite client's share."""
+    runner = FakeRunner()
+    batcher = make_batcher(runner, max_batch_size=16, max_queue_images=8)
+    blocker = start_held(batcher, runner, finished)
+    greedy = [finished.job(request(10 * (i + 1), 4)) for i in range(2)]
+    polite = [finished.job(request(100, 2)), finished.job(request(200, 4))]
+    for job in greedy:
+        job.client = "greedy"
+        batcher.submit(job)
+    for job in polite:
+        job.client = "polite"
+
+    batcher.submit(polite[0])
+    finished.wait(greedy[1])
+    assert isinstance(greedy[1].error, QueueFull)
+    assert "made room for another client's" in greedy[1].error.message
+    assert greedy[1].error.retry_after_s is not None
+    assert batcher.stats.snapshot()["pending_images"] == 6
+    with pytest.raises(QueueFull, match="6 images queued"):
+        batcher.submit(polite[1])  # 2 + 4 images would be over its share of 8 between two
+    again = finished.job(request(30, 4))
+    again.client = "greedy"
+    with pytest.raises(QueueFull, match="6 images queued"):
+        batcher.submit(again)  # at its share: nobody is pushed out for it
+    runner.release.set()
+    finished.wait(blocker, greedy[0], polite[0])
+
+    assert runner.passes[1] == [10.0, 11.0, 12.0, 13.0, 100.0, 101.0]
+    assert_answered(greedy[0])
+    assert_answered(polite[0])
+
+
+def test_started_or_followed_requests_are_never_pushed_out(make_batcher, finished):
+    runner = FakeRunner()
+    batcher = make_batcher(runner, max_batch_size=16, max_queue_images=4)
+    blocker = start_held(batcher, runner, finished)
+    led = keyed(finished, request(10, 4))
+    follower = keyed(finished, request(10, 4))
+    for job in (led, follower):
+        job.client = "greedy"
+        batcher.submit(job)
+    polite = finished.job(request(100, 1))
+    polite.client = "polite"
+
+    with pytest.raises(QueueFull, match="4 images queued"):
+        batcher.submit(polite)
+    runner.release.set()
+    finished.wait(blocker, led, follower)
+    assert_answered(led)
+    assert_answered(follower)

@@ -21,6 +21,7 @@ from teacher_server.server.serve import ServerThread
 from tests.archives import save_slow, save_truncating
 from tests.helpers import (
     AUTH,
+    BUSY_CLIENT,
     SLOW_BATCH,
     TOKEN,
     grpc_call,
@@ -248,7 +249,11 @@ def test_full_queue_is_429_with_retry_hint(strict_server: ServerThread) -> None:
 
 
 def test_expired_request_is_504_and_never_computed(strict_server: ServerThread) -> None:
-    fields = {"model": "slow", "images": tensor_map(torch.zeros(4, 3, 8, 8, dtype=torch.uint8))}
+    fields = {
+        "model": "slow",
+        "images": tensor_map(torch.zeros(4, 3, 8, 8, dtype=torch.uint8)),
+        "client_id": BUSY_CLIENT,
+    }
     before = model_stats(strict_server)["slow"]
     busy = occupy_slow_model(strict_server, 60)  # each transport behind its own busy request
     try:
@@ -364,6 +369,7 @@ def test_http_client_that_hangs_up_is_not_computed(strict_server: ServerThread) 
         fields = {
             "model": "slow",
             "images": tensor_map(torch.zeros(8, 3, 8, 8, dtype=torch.uint8)),
+            "client_id": BUSY_CLIENT,
         }
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(

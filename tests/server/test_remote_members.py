@@ -29,6 +29,7 @@ from teacher_server.shared.contract import Mix
 from teacher_server.shared.errors import NotReady
 from tests.helpers import (
     AUTH,
+    BUSY_CLIENT,
     TOKEN,
     TeacherProcess,
     grpc_call,
@@ -198,7 +199,10 @@ def test_a_slow_member_is_unavailable_by_name(
     with running_server(config) as front:
         busy = occupy_slow_model(strict_server, 60)
         try:
-            fields = {"images": tensor_map(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))}
+            fields = {
+                "images": tensor_map(torch.zeros(2, 3, 8, 8, dtype=torch.uint8)),
+                "client_id": BUSY_CLIENT,  # forwarded: the member batches it behind the busy one
+            }
             response = post(front, fields, model="late")
         finally:
             busy.join()

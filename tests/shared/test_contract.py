@@ -75,6 +75,7 @@ def test_requests_round_trip(encoding: str, mix: Mix | None) -> None:
         output_dtype="float16",
         top_k=2,
         request_id="run/7",
+        client_id="sweep-lr0.1",
     )
     back = decode(encode(request))
     assert torch.equal(back.images, request.images)
@@ -85,7 +86,7 @@ def test_requests_round_trip(encoding: str, mix: Mix | None) -> None:
         "log_probs",
         "float16",
     )
-    assert (back.top_k, back.request_id) == (2, "run/7")
+    assert (back.top_k, back.request_id, back.client_id) == (2, "run/7", "sweep-lr0.1")
 
 
 @pytest.mark.parametrize("encoding", RESULT_ENCODINGS)
@@ -97,12 +98,13 @@ def test_results_round_trip(encoding: str) -> None:
         top_k_values=torch.rand(4, 3).half(),
         top_k_indices=torch.randint(0, 10, (4, 3), dtype=torch.int32),
         timings=Timings(queue_ms=1.5, compute_ms=2.5, total_ms=5.0, batch_sizes=(64, 4)),
+        members=("small", "grpc://far:50051/wide"),
     )
     back = decode(encode(result))
     assert back.logits is None and back.timings == result.timings
     assert back.top_k_values is not None and torch.equal(back.top_k_values, result.top_k_values)
     assert back.top_k_indices is not None and torch.equal(back.top_k_indices, result.top_k_indices)
-    assert (back.model, back.request_id) == ("pair", "r")
+    assert (back.model, back.request_id, back.members) == ("pair", "r", result.members)
 
 
 def test_protobuf_encoding_is_the_messages_own() -> None:
@@ -195,6 +197,7 @@ SAME_ON_BOTH = {
     "bad output dtype": _fields(output_dtype="int8"),
     "zero top_k": _fields(top_k=0),
     "long request id": _fields(request_id="x" * 257),
+    "long client id": _fields(client_id="x" * 257),
     "no images": {"model": "t"},
     "bad dtype": _fields(images={**tensor_map(torch.zeros(2, 3, 4, 4)), "dtype": "int64"}),
     "negative shape": _fields(images={"dtype": "uint8", "shape": [-1, 3, 4, 4], "data": b""}),

@@ -29,7 +29,7 @@ class Mix(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., lam: _Optional[float] = ..., perm: _Optional[_Iterable[int]] = ..., box: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("model", "images", "mix", "temperature", "output", "output_dtype", "top_k", "request_id")
+    __slots__ = ("model", "images", "mix", "temperature", "output", "output_dtype", "top_k", "request_id", "client_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     MIX_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class InferRequest(_message.Message):
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: Tensor
     mix: Mix
@@ -46,7 +47,8 @@ class InferRequest(_message.Message):
     output_dtype: str
     top_k: int
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., mix: _Optional[_Union[Mix, _Mapping]] = ..., temperature: _Optional[float] = ..., output: _Optional[str] = ..., output_dtype: _Optional[str] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    client_id: str
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., mix: _Optional[_Union[Mix, _Mapping]] = ..., temperature: _Optional[float] = ..., output: _Optional[str] = ..., output_dtype: _Optional[str] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ..., client_id: _Optional[str] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_ms", "compute_ms", "total_ms", "batch_sizes")

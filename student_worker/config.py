@@ -105,6 +105,7 @@ class TeacherSettings(_Strict):
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_server_name: str | None = None
     allow_insecure_token: bool = False
 
     @model_validator(mode="after")
@@ -119,9 +120,9 @@ class TeacherSettings(_Strict):
 
     def tls(self) -> ClientTls | None:
         """The TLS files for https:// and grpcs:// endpoints (None: the system's roots)."""
-        if self.tls_ca is None and self.tls_cert is None and self.tls_key is None:
+        if (self.tls_ca, self.tls_cert, self.tls_key, self.tls_server_name) == (None,) * 4:
             return None
-        return ClientTls(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key)
+        return ClientTls(self.tls_ca, self.tls_cert, self.tls_key, self.tls_server_name)
 
 
 class StudentConfig(_Strict):

@@ -275,11 +275,14 @@ def wait_until(
 class TeacherProcess:
     """`kdserve-teacher` as a process on fixed ports, which can be killed and started again."""
 
-    def __init__(self, root: Path, config: dict[str, Any], name: str = "teacher") -> None:
+    def __init__(
+        self, root: Path, config: dict[str, Any], name: str = "teacher", host: str = "127.0.0.1"
+    ) -> None:
         self.root = root
         self.name = name
+        self.host = host
         self.http_port, self.grpc_port = free_ports(2)
-        server = {**config.get("server", {}), "http_port": self.http_port}
+        server = {**config.get("server", {}), "host": host, "http_port": self.http_port}
         server["grpc_port"] = self.grpc_port
         self.config = root / f"{name}.yaml"
         self.config.write_text(yaml.safe_dump({**config, "server": server}))
@@ -289,7 +292,7 @@ class TeacherProcess:
 
     def url(self, transport: str) -> str:
         port = self.http_port if transport == "http" else self.grpc_port
-        return f"{transport}://127.0.0.1:{port}"
+        return f"{transport}://{self.host}:{port}"
 
     def start(self) -> None:
         """Start the process and wait until it listens on its ports (models may still load)."""

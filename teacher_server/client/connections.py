@@ -1,4 +1,5 @@
-"""The client's connections to one teacher endpoint: HTTP (httpx) or gRPC (grpcio), clear or TLS.
+"""The client's connections to one teacher endpoint: HTTP (httpx) or gRPC (grpcio), clear or TLS;
+a gRPC target's one channel balances over its addresses (`endpoints`).
 
 Both send an InferRequest and return an InferResult (or the model list), encoded and decoded
 by `wire`; every failure is an exception of the error table, so the client's retries and
@@ -11,11 +12,11 @@ import contextlib
 import json
 from collections.abc import Iterator
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import grpc
 import httpx
 
+from teacher_server.client.endpoints import Endpoint
 from teacher_server.client.tls import ClientTls, check_endpoint
 from teacher_server.shared import wire
 from teacher_server.shared.contract import InferRequest, InferResult, ModelList
@@ -23,8 +24,15 @@ from teacher_server.shared.errors import DeadlineExceeded, NotReady, TeacherErro
 
 GRPC_MESSAGE_LIMIT = 1024 * 1024 * 1024
 MAX_RECONNECT_BACKOFF_MS = 2000
-INFER_METHOD = "/kdserve.v1.Teacher/Infer"
-LIST_MODELS_METHOD = "/kdserve.v1.Teacher/ListModels"
+INFER_METHOD = f"/{wire.GRPC_SERVICE}/Infer"
+LIST_MODELS_METHOD = f"/{wire.GRPC_SERVICE}/ListModels"
+BALANCED_SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": wire.GRPC_SERVICE},
+    }
+)
+"""A gRPC target's channel: each request to the next healthy address (grpcio's own policy)."""
 
 
 class Unreachable(NotReady):
@@ -54,21 +62,17 @@ def open_connection(
     tls: ClientTls | None = None,
     allow_insecure_token: bool = False,
 ) -> Connection:
-    """A connection to `http://`, `https://`, `grpc://` or `grpcs://host:port`.
+    """A connection to one endpoint (`endpoints.parse_endpoint`: `http(s)://host:port`,
+    `grpc(s)://host:port` or a gRPC target such as `dns:///teacher:50051`).
 
-    ValueError for a token in clear text to a non-loopback host (unless allowed), or TLS
-    files for a clear-text endpoint (see `tls.check_endpoint`).
+    ValueError for a malformed endpoint, a token in clear text to a non-loopback host (unless
+    allowed), or TLS files for a clear-text endpoint (see `tls.check_endpoint`).
     """
-    scheme = urlsplit(url).scheme
-    if scheme not in ("http", "https", "grpc", "grpcs"):
-        raise ValueError(
-            f"teacher endpoint must start with http://, https://, grpc:// or grpcs://, got {url!r}"
-        )
-    check_endpoint(url, token=token, tls=tls, allow_insecure_token=allow_insecure_token)
-    secure = (tls or ClientTls()) if scheme in ("https", "grpcs") else None
-    if scheme in ("http", "https"):
-        return HttpConnection(url, token, secure)
-    return GrpcConnection(url, token, secure)
+    endpoint = check_endpoint(url, token=token, tls=tls, allow_insecure_token=allow_insecure_token)
+    secure = (tls or ClientTls()) if endpoint.secure else None
+    if endpoint.transport == "http":
+        return HttpConnection(endpoint.address, token, secure)
+    return GrpcConnection(endpoint, token, secure)
 
 
 class HttpConnection:
@@ -138,20 +142,25 @@ def _ok_body(response: httpx.Response, url: str) -> bytes:
 class GrpcConnection:
     """Protobuf messages over one gRPC channel; `wire` encodes and decodes their bytes."""
 
-    def __init__(self, url: str, token: str | None, tls: ClientTls | None = None) -> None:
-        self.url = url
+    def __init__(self, endpoint: Endpoint, token: str | None, tls: ClientTls | None = None) -> None:
+        self.url = endpoint.url
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        options = [
+        options: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", GRPC_MESSAGE_LIMIT),
             ("grpc.max_receive_message_length", GRPC_MESSAGE_LIMIT),
             # A teacher that comes back is used within seconds (grpcio waits up to 120 s).
             ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
         ]
-        target = urlsplit(url).netloc
+        if endpoint.balanced:
+            options.append(("grpc.service_config", BALANCED_SERVICE_CONFIG))
+        if tls is not None and tls.server_name:
+            options.append(("grpc.ssl_target_name_override", tls.server_name))
         if tls is None:
-            self._channel = grpc.insecure_channel(target, options=options)
+            self._channel = grpc.insecure_channel(endpoint.address, options=options)
         else:
-            self._channel = grpc.secure_channel(target, tls.grpc_credentials(), options=options)
+            self._channel = grpc.secure_channel(
+                endpoint.address, tls.grpc_credentials(), options=options
+            )
         # No (de)serializers: the methods take and return the messages' bytes.
         self._infer = self._channel.unary_unary(INFER_METHOD, None, None)
         self._list_models = self._channel.unary_unary(LIST_MODELS_METHOD, None, None)

@@ -1,9 +1,10 @@
 """TLS for the client's connections, and the rule that a token never crosses a network in clear.
 
-`https://` and `grpcs://` endpoints verify the server against `ClientTls.ca` (a PEM bundle;
-without one, the system's roots) and, for mutual TLS, present `cert` + `key`. A token is
-refused over `http://` or `grpc://` to anything but a loopback address unless the caller
-says `allow_insecure_token=True` (a private network it trusts).
+`https://`, `grpcs://` and `grpcs+` (gRPC target) endpoints verify the server against
+`ClientTls.ca` (a PEM bundle; without one, the system's roots) and, for mutual TLS, present
+`cert` + `key`. A token is refused over `http://`, `grpc://` or a clear gRPC target to
+anything but loopback addresses unless the caller says `allow_insecure_token=True` (a
+private network it trusts).
 """
 
 from __future__ import annotations
@@ -11,14 +12,11 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import grpc
 
+from teacher_server.client.endpoints import Endpoint, parse_endpoint
 from teacher_server.shared.net import is_loopback
-
-SECURE_SCHEMES = {"https": "http", "grpcs": "grpc"}
-"""Each secure scheme and its clear-text twin."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +26,9 @@ class ClientTls:
     ca: Path | None = None
     cert: Path | None = None
     key: Path | None = None
+    server_name: str | None = None
+    """gRPC: the name the teachers' certificate must carry where the endpoint does not say
+    it (a target of several addresses); by default the endpoint's host."""
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
@@ -53,22 +54,32 @@ class ClientTls:
 
 def check_endpoint(
     url: str, *, token: str | None, tls: ClientTls | None, allow_insecure_token: bool
-) -> None:
-    """ValueError for a token in clear text off loopback, or TLS files for a clear endpoint."""
-    parts = urlsplit(url)
-    if parts.scheme in SECURE_SCHEMES:
-        return
-    if tls is not None and (tls.ca or tls.cert):
-        secure = {v: k for k, v in SECURE_SCHEMES.items()}.get(parts.scheme, "https")
+) -> Endpoint:
+    """The endpoint `url` names (`endpoints.parse_endpoint`); ValueError for a malformed one,
+    a token in clear text off loopback, or TLS files for a clear-text endpoint."""
+    endpoint = parse_endpoint(url)
+    if endpoint.secure:
+        server_name = tls.server_name if tls is not None else None
+        if server_name and endpoint.transport == "http":
+            raise ValueError(
+                f"a TLS server name is for gRPC endpoints; {url!r} is verified as its host"
+            )
+        if len(endpoint.hosts) > 1 and not server_name:
+            raise ValueError(
+                f"{url!r} has several addresses: give the name their TLS certificate carries "
+                "(ClientTls(server_name=...), teacher.tls_server_name), or use a dns:/// name"
+            )
+        return endpoint
+    if tls is not None and (tls.ca or tls.cert or tls.server_name):
+        raise ValueError(f"TLS files are set but {url!r} is clear text; use {endpoint.secure_url}")
+    remote = [host for host in endpoint.hosts if not is_loopback(host)]
+    if token and not allow_insecure_token and remote:
         raise ValueError(
-            f"TLS files are set but {url!r} is clear text; use {secure}://{parts.netloc}"
+            f"refusing to send the token in clear text to {remote[0]!r}: use https://, "
+            "grpcs:// or grpcs+ (TLS), or allow_insecure_token (teacher.allow_insecure_token in "
+            "a student config) on a network you trust"
         )
-    if token and not allow_insecure_token and not is_loopback(parts.hostname or ""):
-        raise ValueError(
-            f"refusing to send the token in clear text to {parts.hostname!r}: use https:// or "
-            "grpcs:// (TLS), or allow_insecure_token (teacher.allow_insecure_token in a student "
-            "config) on a network you trust"
-        )
+    return endpoint
 
 
 def _read(path: Path | None) -> bytes | None:

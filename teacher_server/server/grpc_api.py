@@ -18,7 +18,6 @@ from teacher_server.server.lifecycle import Lifecycle
 from teacher_server.shared import oip, wire
 from teacher_server.shared.errors import TeacherError, status_of
 
-SERVICE_NAME = "kdserve.v1.Teacher"
 GRPC_READ_FACTOR = 2
 """grpcio reads messages up to this many times max_request_bytes, so that our own limit
 answers the ones in between; a larger message is refused by grpcio itself (RESOURCE_EXHAUSTED
@@ -87,7 +86,9 @@ def create_grpc_server(lifecycle: Lifecycle) -> tuple[grpc.aio.Server, Any]:
         "Infer": grpc.unary_unary_rpc_method_handler(service.infer),
         "ListModels": grpc.unary_unary_rpc_method_handler(service.list_models),
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, methods),))
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(wire.GRPC_SERVICE, methods),)
+    )
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return server, health_servicer
@@ -100,5 +101,5 @@ async def set_serving(health_servicer: Any, serving: bool) -> None:
         if serving
         else health_pb2.HealthCheckResponse.NOT_SERVING
     )
-    for service in ("", SERVICE_NAME, oip.GRPC_SERVICE):
+    for service in ("", wire.GRPC_SERVICE, oip.GRPC_SERVICE):
         await health_servicer.set(service, status)

@@ -22,7 +22,7 @@ import torch
 
 from teacher_server.client import ClientTls, RetryPolicy, TeacherClient
 from teacher_server.client.connections import TimedOut
-from teacher_server.client.tls import SECURE_SCHEMES
+from teacher_server.client.endpoints import parse_endpoint
 from teacher_server.server.config import RemoteConfig, RemoteMember
 from teacher_server.server.registry import MemberAnswer
 from teacher_server.shared.contract import Mix, ModelInfo
@@ -67,7 +67,7 @@ class RemoteModel:
     def _new_client(self, retry: RetryPolicy, timeout_s: float) -> TeacherClient:
         """A client of the member's server; ValueError for a token in clear text off loopback."""
         settings = self.settings
-        secure = self.member.endpoint.split("://")[0] in SECURE_SCHEMES
+        secure = parse_endpoint(self.member.endpoint).secure
         return TeacherClient(
             [self.member.endpoint],
             token=settings.token.get_secret_value() if settings.token else None,

@@ -44,6 +44,8 @@ RETRY_AFTER_KEY = "retry-after-ms"
 """HTTP header and gRPC trailing metadata: the back-off hint of a refused request."""
 ERROR_NAME_KEY = "kdserve-error"
 """gRPC trailing metadata: the error table's name of the error (HTTP carries it in the body)."""
+GRPC_SERVICE = "kdserve.v1.Teacher"
+"""Our gRPC service, also the name its health is reported under (the client's health checks)."""
 
 
 def retry_after_ms(seconds: float) -> str:

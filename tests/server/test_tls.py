@@ -88,6 +88,38 @@ def test_served_logits_over_tls_equal_in_process(
         assert (served - expected).abs().max().item() < TOL, url
 
 
+def test_a_grpc_target_over_tls(
+    tls_server: ServerThread, teachers: dict[str, Any], pki: Pki
+) -> None:
+    """`grpcs+` in front of a gRPC target: TLS, verified against the CA, the server's name
+    checked (the certificate names localhost and 127.0.0.1)."""
+    images = random_images(2, 32, seed=4)
+    expected = in_process(teachers["small"], images)
+    port = tls_server.endpoints.grpc_port
+    for url in (f"grpcs+dns:///localhost:{port}", f"grpcs+ipv4:127.0.0.1:{port}"):
+        with TeacherClient.connect(url, token=TOKEN, tls=ClientTls(ca=pki.ca)) as client:
+            served = client.infer(images, model="small")
+        assert (served - expected).abs().max().item() < TOL, url
+    with (
+        TeacherClient.connect(
+            f"grpcs+dns:///localhost:{port}", token=TOKEN, tls=ClientTls(ca=pki.other_ca)
+        ) as client,
+        pytest.raises(Unreachable),
+    ):
+        client.infer(images, model="small")
+    several = f"grpcs+ipv4:127.0.0.1:{port},127.0.0.1:{port}"
+    with pytest.raises(ValueError, match="several addresses"):
+        TeacherClient.connect(several, tls=ClientTls(ca=pki.ca))
+    named = ClientTls(ca=pki.ca, server_name="localhost")
+    with TeacherClient.connect(several, token=TOKEN, tls=named) as client:
+        served = client.infer(images, model="small")
+    assert (served - expected).abs().max().item() < TOL
+    with pytest.raises(ValueError, match="server name is for gRPC"):
+        TeacherClient.connect(f"https://127.0.0.1:{port}", tls=named)
+    with pytest.raises(ValueError, match=r"use grpcs\+dns:///localhost"):
+        TeacherClient.connect(f"dns:///localhost:{port}", tls=ClientTls(ca=pki.ca))
+
+
 def test_a_client_refuses_a_server_it_cannot_verify(tls_server: ServerThread, pki: Pki) -> None:
     images = random_images(1, 32)
     for url in urls(tls_server):

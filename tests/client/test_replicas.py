@@ -1,0 +1,262 @@
+"""Teacher replicas behind one gRPC target (grpcio's round_robin with health checks): three
+`kdserve-teacher` processes on 127.0.0.1, .2 and .3, one killed mid-run."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from student_worker.config import load_run_config
+from student_worker.runlog import RunLog
+from student_worker.trainer import Trainer
+from teacher_server.client import RetryPolicy, TeacherClient
+from teacher_server.client.endpoints import parse_endpoint
+from teacher_server.server.config import load_config
+from teacher_server.server.serve import ServerThread
+from tests.archives import save_slow
+from tests.helpers import (
+    SLOW_BATCH,
+    TeacherProcess,
+    in_process,
+    model_stats,
+    occupy_slow_model,
+    random_images,
+    teacher_config,
+    wait_until,
+)
+
+HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+TOL = 1e-4
+CLIENT_LOG = "teacher_server.client.teacher_client"
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, teachers: dict[str, Any]) -> Iterator[list[TeacherProcess]]:
+    """Three replicas of the `small` teacher, each on its own loopback address."""
+    config = teacher_config(teachers, threads_per_replica=1)
+    config["models"], config["ensembles"] = config["models"][:1], []
+    processes = [
+        TeacherProcess(tmp_path, config, name=f"replica-{i}", host=host)
+        for i, host in enumerate(HOSTS)
+    ]
+    try:
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.wait_ready()
+        yield processes
+    finally:
+        for process in processes:
+            if process.process is not None and process.process.poll() is None:
+                process.stop()
+
+
+def target(replicas: list[TeacherProcess]) -> str:
+    return "ipv4:" + ",".join(f"{p.host}:{p.grpc_port}" for p in replicas)
+
+
+def answered(process: TeacherProcess) -> int:
+    """Requests the replica answered (0 once it is gone)."""
+    try:
+        stats = httpx.get(f"{process.url('http')}/v1/stats", timeout=5).json()
+    except httpx.TransportError:
+        return 0
+    return int(stats["models"]["small"]["requests"].get("ok", 0))
+
+
+@pytest.mark.slow
+def test_requests_spread_over_the_replicas_and_survive_one_killed(
+    replicas: list[TeacherProcess], teachers: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Four threads of one client over one target: every replica answers, answers equal the
+    in-process teacher's; one replica killed costs no failed request (the default retry
+    policy resends to another address at once); started again, it gets requests again."""
+    images = random_images(4, 32, seed=5)
+    expected = in_process(teachers["small"], images)
+    failures: list[BaseException] = []
+    wrong: list[float] = []
+    stop = threading.Event()
+
+    def ask(client: TeacherClient) -> None:
+        while not stop.is_set():
+            try:
+                served = client.infer(images)
+            except BaseException as error:
+                failures.append(error)
+                return
+            if (served - expected).abs().max().item() >= TOL:
+                wrong.append((served - expected).abs().max().item())
+
+    killed = replicas[1]
+    caplog.set_level(logging.WARNING, logger=CLIENT_LOG)
+    with TeacherClient.connect(target(replicas), model="small") as client:
+        askers = [threading.Thread(target=ask, args=(client,)) for _ in range(4)]
+        for asker in askers:
+            asker.start()
+        try:
+            wait_until(lambda: all(answered(p) >= 5 for p in replicas), "answers from all three")
+            counts = [answered(p) for p in replicas]
+            assert max(counts) < 4 * min(counts), f"requests not spread: {counts}"
+            killed.kill()
+            survivors = [p for p in replicas if p is not killed]
+            before = [answered(p) for p in survivors]
+            wait_until(
+                lambda: all(answered(p) >= n + 20 for p, n in zip(survivors, before, strict=True)),
+                "the survivors to go on answering",
+            )
+            killed.start()
+            killed.wait_ready()
+            wait_until(lambda: answered(killed) >= 5, "the restarted replica to get requests")
+        finally:
+            stop.set()
+            for asker in askers:
+                asker.join()
+    assert not failures, f"requests failed while a replica was killed: {failures[:3]}"
+    assert not wrong, f"answers off the in-process teacher's by {max(wrong)}"
+    assert not [r for r in caplog.records if "teacher unavailable" in r.getMessage()]
+
+
+@pytest.mark.slow
+def test_a_student_run_loses_no_step_when_a_replica_dies(
+    replicas: list[TeacherProcess], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real training run on the target; a replica killed after its first requests: every
+    step is trained, none waited for the teacher (no retry warning)."""
+    steps = 60
+    config = load_run_config(
+        None,
+        {
+            "teacher.endpoints": [target(replicas)],
+            "teacher.model": "small",
+            "batch_size": 16,
+            "max_steps": steps,
+            "output_dir": str(tmp_path / "run"),
+            "threads": 1,
+        },
+    )
+    caplog.set_level(logging.WARNING, logger=CLIENT_LOG)
+    run = threading.Thread(target=Trainer(config).fit)
+    run.start()
+    try:
+        wait_until(lambda: all(answered(p) >= 2 for p in replicas), "the run to reach all three")
+        replicas[0].kill()
+    finally:
+        run.join()
+    trained = [record["step"] for record in RunLog(tmp_path / "run").records("train")]
+    assert trained and trained[-1] == steps, trained[-3:]
+    assert sum(answered(p) for p in replicas[1:]) > 0
+    assert not [r for r in caplog.records if "teacher unavailable" in r.getMessage()]
+
+
+def test_grpc_targets_name_every_address() -> None:
+    cases = {
+        "dns:///teacher:50051": ("teacher",),
+        "dns://10.0.0.53/teacher.lab:50051": ("teacher.lab",),
+        "ipv4:127.0.0.2:1,127.0.0.3:2": ("127.0.0.2", "127.0.0.3"),
+        "ipv6:[::1]:50051,[fd00::2]:50051": ("::1", "fd00::2"),
+        "unix:/run/teacher.sock": ("localhost",),
+        "grpcs+dns:///teacher:50051": ("teacher",),
+    }
+    for url, hosts in cases.items():
+        endpoint = parse_endpoint(url)
+        assert (endpoint.transport, endpoint.balanced, endpoint.hosts) == ("grpc", True, hosts)
+        assert endpoint.secure == url.startswith("grpcs+")
+    one = parse_endpoint("grpc://teacher:50051")
+    assert not one.balanced and one.address == "teacher:50051"
+    for bad, message in (
+        ("dns:///teacher", "needs a host and a port"),
+        ("ipv4:127.0.0.2:1,127.0.0.3", "needs a host and a port"),
+        ("unix:", "socket path"),
+        ("grpcs+grpc://teacher:1", "is not one of"),
+        ("teacher:50051", "is not one of"),
+        ("grpc://teacher", "needs a host and a port"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            parse_endpoint(bad)
+
+
+def test_a_target_is_a_student_endpoint_and_keeps_the_token_rule() -> None:
+    ok = load_run_config(None, {"teacher.endpoints": ["ipv4:127.0.0.2:1,127.0.0.3:1"]})
+    assert ok.teacher.endpoints == ["ipv4:127.0.0.2:1,127.0.0.3:1"]
+    load_run_config(None, {"teacher.endpoints": ["dns:///localhost:50051"], "teacher.token": "t"})
+    with pytest.raises(ValueError, match=r"clear text to '10\.0\.0\.3'"):
+        load_run_config(
+            None,
+            {"teacher.endpoints": ["ipv4:127.0.0.2:1,10.0.0.3:1"], "teacher.token": "t"},
+        )
+    with pytest.raises(ValueError, match="is not one of"):
+        load_run_config(None, {"teacher.endpoints": ["teacher:50051"]})
+    with pytest.raises(ValueError, match="clear text"):
+        TeacherClient.connect("dns:///teacher.lab:50051", token="t")
+    TeacherClient.connect("grpcs+dns:///teacher.lab:50051", token="t").close()
+
+
+def test_a_dns_target_reaches_a_teacher(server: Any, teachers: dict[str, Any]) -> None:
+    images = random_images(2, 32, seed=1)
+    url = f"dns:///localhost:{server.endpoints.grpc_port}"
+    with TeacherClient.connect(url, model="small") as client:
+        served = client.infer(images)
+    assert torch.allclose(served, in_process(teachers["small"], images), atol=TOL, rtol=0)
+
+
+def test_a_draining_replica_gets_no_new_requests(teachers: dict[str, Any], tmp_path: Path) -> None:
+    """The health checks at work: a replica that is shutting down says NOT_SERVING at once
+    (while it finishes a long request), and the target's channel stops sending to it, so
+    requests with no retry at all still succeed."""
+    config = teacher_config(
+        teachers, max_batch_size=SLOW_BATCH, max_delay_ms=1, shutdown_grace_s=60
+    )
+    config["models"] = [
+        config["models"][0],
+        {
+            "name": "slow",
+            "arch": f"file:{save_slow(tmp_path / 'slow.pt', 30)}",
+            "num_classes": 10,
+            "input_size": 8,
+        },
+    ]
+    config["ensembles"] = []
+    servers = []
+    for host in HOSTS:
+        config["server"]["host"] = host
+        servers.append(ServerThread(load_config(data=config, environ={})).start())
+    draining = servers[0]
+    stopping: threading.Thread | None = None
+    long_one: threading.Thread | None = None
+    try:
+        url = "ipv4:" + ",".join(
+            f"{host}:{s.endpoints.grpc_port}" for host, s in zip(HOSTS, servers, strict=True)
+        )
+        images = random_images(2, 32, seed=3)
+        with TeacherClient.connect(url, model="small", retry=RetryPolicy(attempts=0)) as client:
+            for _ in range(9):
+                client.infer(images)
+            assert all(model_stats(s)["small"]["requests"].get("ok", 0) > 0 for s in servers)
+            long_one = occupy_slow_model(draining, 160)
+            stopping = threading.Thread(target=draining.stop)
+            stopping.start()
+            wait_until(lambda: not ready(draining), "the replica to start draining")
+            time.sleep(0.5)  # the health watch's NOT_SERVING reaches the client's channel
+            before = model_stats(draining)["small"]["requests"]
+            for _ in range(30):
+                client.infer(images)
+            assert model_stats(draining)["small"]["requests"] == before
+            assert long_one.is_alive(), "the long request ended before the check did"
+    finally:
+        for server in servers[1:]:
+            server.stop()
+        for thread in (stopping, long_one):
+            if thread is not None:
+                thread.join()
+
+
+def ready(server: ServerThread) -> bool:
+    return httpx.get(f"{server.endpoints.http_url}/readyz", timeout=5).status_code == 200

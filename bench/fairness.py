@@ -121,20 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.getLogger("teacher_server.client").setLevel(logging.ERROR)  # the waits are the point
-    case = throughput.Case(
-        "teacher",
-        {
-            "name": "teacher",
-            "arch": "kdserve:resnet32",
-            "random_init": True,
-            "num_classes": 10,
-            "input_size": 32,
-            "mean": list(throughput.MEAN),
-            "std": list(throughput.STD),
-        },
-        32,
-        args.images,
-    )
+    case = throughput.random_case("kdserve:resnet32", args.images)
     images = torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8)
     server = {
         "threads_per_replica": 1,
@@ -173,7 +160,8 @@ def main() -> None:
     for way, rounds in results.items():
         greedy = statistics.mean(r.share("greedy") for r in rounds)
         polite = statistics.mean(r.share("polite") for r in rounds)
-        p50 = statistics.median(t for r in rounds for t in r.polite_latency_s) * 1000
+        latencies = [t for r in rounds for t in r.polite_latency_s]
+        p50 = statistics.median(latencies) * 1000 if latencies else float("nan")  # starved
         rate = statistics.mean(sum(r.images.values()) for r in rounds) / args.seconds
         print(f"{way:<12}{greedy:>14.2f}{polite:>14.2f}{p50:>15.1f}{rate:>9.0f}")
 

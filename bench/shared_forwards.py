@@ -99,20 +99,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    case = throughput.Case(
-        "teacher",
-        {
-            "name": "teacher",
-            "arch": TEACHER,
-            "random_init": True,
-            "num_classes": 10,
-            "input_size": 32,
-            "mean": list(throughput.MEAN),
-            "std": list(throughput.STD),
-        },
-        32,
-        BATCH,
-    )
+    case = throughput.random_case(TEACHER, BATCH)
     ways = ("1 student", f"{args.students} students, shared", f"{args.students} students, unshared")
     ratios: dict[str, list[float]] = {way: [] for way in ways}
     seconds: dict[str, list[float]] = {way: [] for way in ways}

@@ -64,6 +64,20 @@ class PoolLinear(torch.nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
+def random_case(arch: str, batch: int, name: str = "teacher") -> Case:
+    """A seeded random-weights 10-class model at 32 px, asked `batch` images at a time."""
+    entry = {
+        "name": name,
+        "arch": arch,
+        "random_init": True,
+        "num_classes": 10,
+        "input_size": 32,
+        "mean": list(MEAN),
+        "std": list(STD),
+    }
+    return Case(name, entry, 32, batch)
+
+
 WIRES = ["http", "grpc", "v2-http", "v2-grpc"]
 """Our protocol over HTTP and gRPC, and the Open Inference Protocol's REST and gRPC."""
 
@@ -72,15 +86,7 @@ def build_cases(workdir: Path) -> list[Case]:
     torch.manual_seed(0)
     archive = workdir / "pool_linear.pt"
     torch.jit.script(PoolLinear().eval()).save(str(archive))
-    compute = {
-        "name": "resnet18",
-        "arch": "torchvision:resnet18",
-        "random_init": True,
-        "num_classes": 10,
-        "input_size": 32,
-        "mean": list(MEAN),
-        "std": list(STD),
-    }
+    compute = random_case("torchvision:resnet18", 32, name="resnet18").model_entry
     wire = {
         "name": "pool_linear",
         "arch": f"file:{archive}",

@@ -230,13 +230,17 @@ BUSY_CLIENT = "busy-test-client"
 same id: passes take different clients in turn, so another client's request goes first."""
 
 
-def occupy_slow_model(server: ServerThread, images: int) -> threading.Thread:
-    """Queue one big request on the strict server's slow model (images / SLOW_BATCH passes)."""
-    fields = {
+def occupy_slow_model(
+    server: ServerThread, images: int, client_id: str | None = BUSY_CLIENT
+) -> threading.Thread:
+    """Queue one big request on the strict server's slow model (images / SLOW_BATCH passes);
+    `client_id` None: batched by its connection."""
+    fields: dict[str, Any] = {
         "model": "slow",
         "images": tensor_map(torch.zeros(images, 3, 8, 8, dtype=torch.uint8)),
-        "client_id": BUSY_CLIENT,
     }
+    if client_id is not None:
+        fields["client_id"] = client_id
     thread = threading.Thread(
         target=post, args=(server, fields), kwargs={"model": "slow", "timeout": 60}
     )

@@ -65,7 +65,8 @@ def ensure_teacher(
 ) -> Path:
     """Train the members (in parallel, the cores shared) unless this recipe's weights exist.
 
-    Returns the teacher server's config, whose weights paths are relative to it.
+    Returns the teacher server's config, whose weights paths are relative to it; with several
+    members, `member-NAME.yaml` beside it serves each member alone.
     """
     threads = max(1, cores() // len(members))
     runs = {
@@ -123,6 +124,11 @@ def ensure_teacher(
         accuracy = last_eval(teacher_dir / "runs" / member.name).get("student_accuracy")
         if accuracy is not None:
             print(f"teacher: {member.name} reaches {accuracy:.2%} on the held-out digits")
+    if len(members) > 1:  # one server per member too (docker/compose.ensemble.yml)
+        for member in members:
+            recipes.write_yaml(
+                teacher_dir / f"member-{member.name}.yaml", recipes.server_config((member,))
+            )
     return recipes.write_yaml(teacher_dir / "teacher.yaml", recipes.server_config(members))
 
 

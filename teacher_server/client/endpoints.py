@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
@@ -86,24 +87,61 @@ def parse_endpoint(url: str) -> Endpoint:
 
 
 def _target_hosts(url: str, scheme: str, rest: str) -> tuple[str, ...]:
-    """The hosts of a gRPC target's address part (after `scheme:`); each needs a port."""
+    """The hosts of a gRPC target's address part (after `scheme:`), a DNS resolver's
+    included; ValueError for what grpcio would refuse only at the first call."""
     if scheme == "unix":
         if not rest.strip("/"):
             raise ValueError(f"gRPC target {url!r} needs a socket path: unix:/path/to/socket")
         return ("localhost",)
+    resolvers: list[str] = []
     if scheme == "dns":
-        # dns:host:port, dns:///host:port or dns://resolver/host:port
-        rest = rest.rsplit("/", 1)[-1] if rest.startswith("//") else rest
+        # dns:host:port, dns:///host:port or dns://resolver[:port]/host:port
+        if rest.startswith("//"):
+            resolver, slash, rest = rest[2:].partition("/")
+            if not slash:
+                raise ValueError(f"gRPC target {url!r} needs dns:///host:port (three slashes)")
+            if resolver:
+                resolvers.append(_split(url, resolver, need_port=False)[0])
         addresses = [rest]
     else:
         addresses = rest.split(",")
     hosts = []
     for address in addresses:
-        if scheme == "ipv6" and address.startswith("["):
-            host, _, port = address[1:].partition("]:")
-        else:
-            host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"gRPC target {url!r}: {address!r} needs a host and a port ({FORMS})")
+        host = _split(url, address, need_port=True)[0]
+        if scheme in ("ipv4", "ipv6"):
+            try:
+                literal = ipaddress.ip_address(host)
+            except ValueError:
+                literal = None
+            if (
+                literal is None
+                or literal.version != int(scheme[-1])
+                or (scheme == "ipv6" and not address.startswith("["))
+            ):
+                form = "[address]:port" if scheme == "ipv6" else "address:port"
+                raise ValueError(
+                    f"gRPC target {url!r}: {address!r} is not an {scheme} {form} (a name "
+                    "goes in dns:///name:port)"
+                )
         hosts.append(host)
-    return tuple(hosts)
+    return (*hosts, *resolvers)
+
+
+def _split(url: str, address: str, *, need_port: bool) -> tuple[str, int | None]:
+    """`host:port` or `[v6]:port` (the port optional unless `need_port`), brackets dropped."""
+    if address.startswith("["):
+        host, _, port = address[1:].partition("]")
+        port = port.removeprefix(":")
+    elif address.count(":") == 1 or need_port:
+        host, _, port = address.rpartition(":") if ":" in address else (address, "", "")
+    else:
+        host, port = address, ""
+    if not host or host != host.strip() or (port and not port.isdigit()):
+        raise ValueError(f"gRPC target {url!r}: {address!r} needs a host and a port ({FORMS})")
+    if not port:
+        if need_port:
+            raise ValueError(f"gRPC target {url!r}: {address!r} needs a host and a port ({FORMS})")
+        return host, None
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"gRPC target {url!r}: port {port} is not in 1-65535")
+    return host, int(port)

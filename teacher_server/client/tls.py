@@ -71,7 +71,9 @@ def check_endpoint(
             )
         return endpoint
     if tls is not None and (tls.ca or tls.cert or tls.server_name):
-        raise ValueError(f"TLS files are set but {url!r} is clear text; use {endpoint.secure_url}")
+        raise ValueError(
+            f"TLS settings are given but {url!r} is clear text; use {endpoint.secure_url}"
+        )
     remote = [host for host in endpoint.hosts if not is_loopback(host)]
     if token and not allow_insecure_token and remote:
         raise ValueError(

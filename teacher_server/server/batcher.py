@@ -119,6 +119,9 @@ class Batcher:
         self._busy = 0
         self._closed = False
         self._seconds_per_image = 0.0
+        self._passes = 0
+        self._last_served: dict[str, int] = {}
+        """Each client with images queued: the pass that last took some of them (0: none)."""
         self._threads = [
             threading.Thread(
                 target=self._work, args=(runner,), name=f"kdserve-{name}-{i}", daemon=True
@@ -366,10 +369,16 @@ class Batcher:
     def _take(self, now: float, limit: int) -> list[Chunk]:
         """Up to `limit` queued images for one pass, the clients in turn: each turn gives every
         client with images queued an equal share of the room left, from its oldest request on
-        (one client alone: first come, first served). Lock held."""
-        waiting: dict[str, deque[Job]] = {}
+        (one client alone: first come, first served), the clients served longest ago first,
+        so with more clients than room the next pass goes on with the ones left out. Lock
+        held."""
+        queued: dict[str, deque[Job]] = {}
         for job in self._queue:
-            waiting.setdefault(job.client, deque()).append(job)
+            queued.setdefault(job.client, deque()).append(job)
+        self._passes += 1
+        self._last_served = {c: self._last_served.get(c, 0) for c in queued}
+        order = sorted(queued, key=self._last_served.__getitem__)  # stable: oldest job next
+        waiting = {client: queued[client] for client in order}
         taken: dict[Job, tuple[int, int]] = {}
         capacity = limit
         while capacity and waiting:
@@ -382,6 +391,7 @@ class Batcher:
                         job.started_at = now
                         self.stats.record_queue(now - job.enqueued_at)
                     take = min(job.size - job.next_row, allowance)
+                    self._last_served[client] = self._passes
                     taken[job] = (taken.get(job, (job.next_row, 0))[0], job.next_row + take)
                     job.next_row += take
                     allowance -= take

@@ -29,6 +29,7 @@ SETUPS = {
     "cluster on CPUs": ["docker-compose.yml"],
     "teacher alone": ["docker/compose.teacher.yml"],
     "students alone": ["docker/compose.students.yml"],
+    "ensemble of two teacher services": ["docker/compose.ensemble.yml"],
 }
 COMPOSE_ENV = {"KDSERVE_TEACHER_URL": "grpc://teacher.example:50051"}
 STUDENTS = ("student-a", "student-b")

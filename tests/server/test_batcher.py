@@ -629,3 +629,23 @@ def test_started_or_followed_requests_are_never_pushed_out(make_batcher, finishe
     finished.wait(blocker, led, follower)
     assert_answered(led)
     assert_answered(follower)
+
+
+def test_clients_left_out_of_a_full_pass_go_first_in_the_next(make_batcher, finished):
+    """More clients than a pass has room for: the next pass takes the ones left out, so
+    every client is served every other pass rather than the first four always."""
+    runner = FakeRunner()
+    batcher = make_batcher(runner, max_batch_size=4)
+    blocker = start_held(batcher, runner, finished)
+    jobs = [finished.job(request(10 * (i + 1), 4)) for i in range(8)]
+    for i, job in enumerate(jobs):
+        job.client = f"student-{i}"
+        batcher.submit(job)
+    runner.release.set()
+    finished.wait(blocker, *jobs)
+
+    firsts = [[int(v) // 10 for v in ids] for ids in runner.passes[1:]]
+    assert firsts[:2] == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert firsts[2:4] == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    for job in jobs:
+        assert_answered(job)

@@ -60,7 +60,7 @@ class InProcessTeacher:
         self.round_trip_s = 0.0
 
     @torch.no_grad()
-    def logits(self, step: int, view: torch.Tensor, mix: Mix | None) -> torch.Tensor:
+    def logits(self, tag: str, view: torch.Tensor, mix: Mix | None) -> torch.Tensor:
         started = time.monotonic()
         logits: torch.Tensor = self.module(student_input(view, mix, (32, 32), self.mean, self.std))
         self.round_trip_s = time.monotonic() - started
@@ -95,7 +95,7 @@ def teacher_forward_ms(repeats: int = 10) -> float:
     batch = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     times = []
     for _ in range(repeats + 1):
-        teacher.logits(0, batch, None)
+        teacher.logits("forward", batch, None)
         times.append(teacher.round_trip_s * 1e3)
     return statistics.median(times[1:])
 

@@ -1,6 +1,7 @@
 """Consistent teaching (FunMatch): augment a batch once, send that exact view to the teacher.
 
-Crops and flips are applied to the uint8 pixels here; mixup / cutmix are drawn as parameters
+Crops and flips are cut per sample on uint8 pixels (`views`, in the data loader's workers);
+mixup / cutmix are drawn here, per step, as parameters
 (`teacher_server.shared.views.Mix`) and applied to unit floats, by the teacher server and by
 `student_input` alike, so teacher and student see one image. When the teacher's resolution
 is higher than the student's, the crop is taken at the teacher's size and the student
@@ -10,18 +11,14 @@ downsamples it for itself (one crop of the original image, resized separately pe
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from student_worker.views import CropSettings, random_view, sample_generator, step_seed
 from teacher_server.shared.contract import Mix
-from teacher_server.shared.tv import import_torchvision
 from teacher_server.shared.views import mix_views, normalize, resize_views, to_unit_float
-
-import_torchvision()
-from torchvision.transforms.v2 import functional as tv_functional  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -47,11 +44,17 @@ class MixedLabels:
 
 @dataclass(frozen=True)
 class AugmentedBatch:
-    """One training batch as both sides see it."""
+    """One training batch as both sides see it; `teacher_view` None: the student's view."""
 
     view: torch.Tensor
     mix: Mix | None
     targets: MixedLabels
+    teacher_view: torch.Tensor | None = None
+
+    @property
+    def teacher_input(self) -> torch.Tensor:
+        """The uint8 view the teacher is asked about (mixed by `mix` on its side)."""
+        return self.view if self.teacher_view is None else self.teacher_view
 
 
 @dataclass(frozen=True)
@@ -67,17 +70,49 @@ class AugmentSettings:
     mix_prob: float = 1.0
     switch_prob: float = 0.5
 
+    @property
+    def crop(self) -> CropSettings:
+        """The per-sample part, cut in the data loader's workers."""
+        return CropSettings(self.view_size, self.crop_scale, self.crop_ratio, self.flip)
+
+
+def draw_mix(settings: AugmentSettings, batch: int, rng: np.random.Generator) -> Mix | None:
+    """A batch's mixup or cutmix parameters (timm's Mixup rules), or None for no mixing."""
+    use_mixup, use_cutmix = settings.mixup_alpha > 0, settings.cutmix_alpha > 0
+    if not (use_mixup or use_cutmix) or batch < 2 or float(rng.uniform()) >= settings.mix_prob:
+        return None
+    perm = tuple(int(i) for i in rng.permutation(batch))
+    size = settings.view_size
+    if use_cutmix and (not use_mixup or float(rng.uniform()) < settings.switch_prob):
+        lam = float(rng.beta(settings.cutmix_alpha, settings.cutmix_alpha))
+        return Mix.cutmix(perm, _cut_box(rng, lam, size, size), size, size)
+    return Mix("mixup", perm, lam=float(rng.beta(settings.mixup_alpha, settings.mixup_alpha)))
+
+
+def _cut_box(
+    rng: np.random.Generator, lam: float, height: int, width: int
+) -> tuple[int, int, int, int]:
+    """A box of area (1 - lam) around a uniform center, clipped to the image (timm's rule)."""
+    cut = math.sqrt(1.0 - lam)
+    cut_h, cut_w = int(height * cut), int(width * cut)
+    center_y, center_x = int(rng.integers(0, height)), int(rng.integers(0, width))
+    y0, y1 = max(center_y - cut_h // 2, 0), min(center_y + cut_h // 2, height)
+    x0, x1 = max(center_x - cut_w // 2, 0), min(center_x + cut_w // 2, width)
+    return y0, x0, y1, x1
+
 
 class ConsistentViews:
-    """Draws each batch's crops, flips and mix parameters from its own seeded generator.
+    """A whole step's views of an in-memory uint8 batch, as the trainer's loader cuts them.
 
-    The seed may be a tuple such as (run seed, rank, step): the trainer draws every step's
-    view from its own generator, so a resumed run needs no saved augmentation state.
+    Image i's crop comes from `sample_generator(seed, rank, step, i)` and the mix from the
+    step's own generator, so the same (seed, rank, step) gives the views the trainer trains on.
     """
 
-    def __init__(self, settings: AugmentSettings, seed: int | Sequence[int]) -> None:
+    def __init__(
+        self, settings: AugmentSettings, *, seed: int, rank: int = 0, step: int = 0
+    ) -> None:
         self.settings = settings
-        self.rng = np.random.default_rng(seed)
+        self.seed, self.rank, self.step = seed, rank, step
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> AugmentedBatch:
         """uint8 images (B, 3, H, W) and labels (B,) -> the uint8 view, mix and mixed labels."""
@@ -85,66 +120,32 @@ class ConsistentViews:
             raise ValueError(
                 f"images must be uint8 (B, 3, H, W), got {images.dtype} {list(images.shape)}"
             )
-        view = self._crop_and_flip(images)
-        size = self.settings.view_size
-        mix = self._draw_mix(int(images.shape[0]), size, size)
-        return AugmentedBatch(view, mix, mixed_labels(labels, mix))
+        crop = self.settings.crop
+        view = torch.stack(
+            [
+                random_view(image, crop, sample_generator(self.seed, self.rank, self.step, i))
+                for i, image in enumerate(images)
+            ]
+        )
+        return batch_views(
+            self.settings, view, labels, seed=self.seed, rank=self.rank, step=self.step
+        )
 
-    def _crop_and_flip(self, images: torch.Tensor) -> torch.Tensor:
-        size = self.settings.view_size
-        height, width = int(images.shape[2]), int(images.shape[3])
-        views = torch.empty((images.shape[0], 3, size, size), dtype=torch.uint8)
-        for index, image in enumerate(images):
-            top, left, crop_h, crop_w = self._crop_box(height, width)
-            view = tv_functional.resized_crop(
-                image, top, left, crop_h, crop_w, [size, size], antialias=True
-            )
-            if self.settings.flip and self._uniform() < 0.5:
-                view = view.flip(-1)
-            views[index] = view
-        return views
 
-    def _crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
-        """RandomResizedCrop's box (scale and log-ratio uniform, 10 tries, then a center crop)."""
-        area = height * width
-        low, high = (math.log(r) for r in self.settings.crop_ratio)
-        for _ in range(10):
-            target = area * self._uniform(*self.settings.crop_scale)
-            ratio = math.exp(self._uniform(low, high))
-            crop_w = round(math.sqrt(target * ratio))
-            crop_h = round(math.sqrt(target / ratio))
-            if 0 < crop_w <= width and 0 < crop_h <= height:
-                top = int(self._uniform(0, height - crop_h + 1))
-                left = int(self._uniform(0, width - crop_w + 1))
-                return top, left, crop_h, crop_w
-        side = min(height, width)
-        return (height - side) // 2, (width - side) // 2, side, side
-
-    def _draw_mix(self, batch: int, height: int, width: int) -> Mix | None:
-        settings = self.settings
-        use_mixup, use_cutmix = settings.mixup_alpha > 0, settings.cutmix_alpha > 0
-        if not (use_mixup or use_cutmix) or batch < 2 or self._uniform() >= settings.mix_prob:
-            return None
-        perm = tuple(int(i) for i in self.rng.permutation(batch))
-        if use_cutmix and (not use_mixup or self._uniform() < settings.switch_prob):
-            lam = self._beta(settings.cutmix_alpha)
-            return Mix.cutmix(perm, self._cut_box(lam, height, width), height, width)
-        return Mix("mixup", perm, lam=self._beta(settings.mixup_alpha))
-
-    def _cut_box(self, lam: float, height: int, width: int) -> tuple[int, int, int, int]:
-        """A box of area (1 - lam) around a uniform center, clipped to the image (timm's rule)."""
-        cut = math.sqrt(1.0 - lam)
-        cut_h, cut_w = int(height * cut), int(width * cut)
-        center_y, center_x = int(self._uniform(0, height)), int(self._uniform(0, width))
-        y0, y1 = max(center_y - cut_h // 2, 0), min(center_y + cut_h // 2, height)
-        x0, x1 = max(center_x - cut_w // 2, 0), min(center_x + cut_w // 2, width)
-        return y0, x0, y1, x1
-
-    def _uniform(self, low: float = 0.0, high: float = 1.0) -> float:
-        return float(self.rng.uniform(low, high))
-
-    def _beta(self, alpha: float) -> float:
-        return float(self.rng.beta(alpha, alpha))
+def batch_views(
+    settings: AugmentSettings,
+    view: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    seed: int,
+    rank: int,
+    step: int,
+    teacher_view: torch.Tensor | None = None,
+) -> AugmentedBatch:
+    """A step's cut views with the step's mix drawn (from (seed, rank, step) alone)."""
+    rng = np.random.default_rng(step_seed(seed, rank, step))
+    mix = draw_mix(settings, int(view.shape[0]), rng)
+    return AugmentedBatch(view, mix, mixed_labels(labels, mix), teacher_view)
 
 
 def mixed_labels(labels: torch.Tensor, mix: Mix | None) -> MixedLabels:

@@ -6,10 +6,11 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import get_args
 
 from student_worker import __version__, losses, report
 from student_worker.checkpoint import LATEST, CheckpointError, load_checkpoint
-from student_worker.config import load_run_config
+from student_worker.config import TeachingMode, load_run_config
 from student_worker.trainer import Trainer, TrainingError
 from teacher_server.shared.settings import ConfigError
 
@@ -34,6 +35,13 @@ def train_parser() -> argparse.ArgumentParser:
         "network you trust; otherwise use https:// or grpcs://)",
     )
     parser.add_argument("--loss", help=f"one of {', '.join(losses.names())}")
+    parser.add_argument(
+        "--teaching",
+        choices=get_args(TeachingMode),
+        help="what the teacher sees: the student's crop (consistent, the default), that mixed "
+        "on every batch (function_matching), one fixed view per image asked once (fixed), or "
+        "a crop of its own (independent)",
+    )
     parser.add_argument("--arch", help="student arch, e.g. kdserve:resnet8x4")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--max-steps", type=int)
@@ -95,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "teacher.model": args.teacher_model,
         "teacher.allow_insecure_token": args.allow_insecure_token,
         "loss.name": args.loss,
+        "teaching.mode": args.teaching,
         "student.arch": args.arch,
         "epochs": args.epochs,
         "max_steps": args.max_steps,

@@ -14,7 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from student_worker import losses
-from student_worker.data import DatasetName
+from student_worker.augment import AugmentSettings
+from student_worker.data import IMAGEFOLDER_CROP_PCT, DatasetName
 from student_worker.objective import Objective, ObjectiveWeights
 from teacher_server.client.tls import ClientTls, check_endpoint
 from teacher_server.shared.settings import (
@@ -24,6 +25,8 @@ from teacher_server.shared.settings import (
     read_yaml_mapping,
 )
 from teacher_server.shared.views import IMAGENET_MEAN, IMAGENET_STD
+
+FIXED_CACHE = "fixed_teacher.safetensors"
 
 
 class _Strict(BaseModel):
@@ -38,16 +41,75 @@ class DataConfig(_Strict):
     labeled_fraction: float = Field(1.0, ge=0.0, le=1.0)
     unlabeled_root: Path | None = None
     eval_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    crop_pct: float | None = Field(None, gt=0.0, le=1.0)
     workers: int = Field(0, ge=0)
+
+    @property
+    def eval_crop_pct(self) -> float:
+        """The evaluation view's crop_pct: as set, else timm's 0.875 for an ImageFolder and
+        1.0 (the whole image) for the small in-memory sets."""
+        if self.crop_pct is not None:
+            return self.crop_pct
+        return IMAGEFOLDER_CROP_PCT if self.name == "imagefolder" else 1.0
 
 
 class AugmentConfig(_Strict):
+    """The student's augmentation, applied before the view goes to the teacher.
+
+    `crop_scale` is the crop's share of the original image's area, `crop_ratio` its aspect
+    range: (0.08, 1.0) with (3/4, 4/3) is the inception crop of timm, DeiT and FunMatch.
+    """
+
     crop_scale: tuple[float, float] = (0.35, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
     mixup_alpha: float = Field(0.0, ge=0.0)
     cutmix_alpha: float = Field(0.0, ge=0.0)
     mix_prob: float = Field(1.0, ge=0.0, le=1.0)
     switch_prob: float = Field(0.5, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AugmentConfig:
+        low, high = self.crop_scale
+        if not (0.0 < low <= high <= 1.0):
+            raise ValueError(
+                f"augment.crop_scale must be (low, high) with 0 < low <= high <= 1, "
+                f"got {list(self.crop_scale)}"
+            )
+        low, high = self.crop_ratio
+        if not (0.0 < low <= high):
+            raise ValueError(
+                f"augment.crop_ratio must be (low, high) with 0 < low <= high, "
+                f"got {list(self.crop_ratio)}"
+            )
+        return self
+
+    @property
+    def mixes(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+
+TeachingMode = Literal["consistent", "function_matching", "fixed", "independent"]
+FUNCTION_MATCHING_MIXUP_ALPHA = 1.0
+"""FunMatch mixes every batch with lam ~ Beta(1, 1) (big_vision's distillation configs)."""
+
+
+class TeachingConfig(_Strict):
+    """What the teacher sees of each training image (FunMatch, Beyer et al. 2022, section 3).
+
+    `consistent`: the student's own crop. `function_matching`: that, mixed (mixup) on every
+    batch. `fixed`: one fixed view per image (`fixed_view`), its logits asked once and kept in
+    `cache`, while the student trains on random crops. `independent`: a crop of its own.
+    """
+
+    mode: TeachingMode = "consistent"
+    fixed_view: Literal["center_crop", "resize"] = "center_crop"
+    cache: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"mode": value} if isinstance(value, str) else value
 
 
 class LossConfig(_Strict):
@@ -140,6 +202,7 @@ class RunConfig(_Strict):
     loss: LossConfig = LossConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    teaching: TeachingConfig = TeachingConfig()
     teacher: TeacherSettings = TeacherSettings()
     student: StudentConfig = StudentConfig()
     epochs: int = Field(10, ge=1)
@@ -162,6 +225,35 @@ class RunConfig(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _teaching_fits(self) -> RunConfig:
+        mode = self.teaching.mode
+        if mode != "consistent" and not self.loss.needs_teacher:
+            raise ValueError(f"teaching {mode!r} needs a distillation loss, not {self.loss.name!r}")
+        if mode == "fixed" and self.augment.mixes:
+            raise ValueError(
+                "teaching 'fixed' keeps one answer per image, so the student's views cannot be "
+                f"mixed: set augment.mixup_alpha and augment.cutmix_alpha to 0 (got "
+                f"{self.augment.mixup_alpha} and {self.augment.cutmix_alpha})"
+            )
+        if mode != "fixed" and self.teaching.cache is not None:
+            raise ValueError(f"teaching.cache is for teaching 'fixed', not {mode!r}")
+        return self
+
+    def augment_settings(self, view_size: int) -> AugmentSettings:
+        """The augmentation the run draws: `function_matching` mixes every batch (mixup at
+        the configured alpha, else FunMatch's 1.0)."""
+        knobs = self.augment.model_dump()
+        if self.teaching.mode == "function_matching":
+            knobs["mix_prob"] = 1.0
+            knobs["mixup_alpha"] = self.augment.mixup_alpha or FUNCTION_MATCHING_MIXUP_ALPHA
+        return AugmentSettings(view_size=view_size, **knobs)
+
+    @property
+    def fixed_cache_path(self) -> Path:
+        """Where `fixed` teaching keeps the teacher's answers."""
+        return self.teaching.cache or self.output_dir / FIXED_CACHE
+
 
 def load_run_config(
     path: Path | None,
@@ -177,6 +269,8 @@ def load_run_config(
     token = (os.environ if environ is None else environ).get(AUTH_TOKEN_ENV)
     if token:
         raw.setdefault("teacher", {}).setdefault("token", token)
+    if isinstance(raw.get("teaching"), str):
+        raw["teaching"] = {"mode": raw["teaching"]}
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue

@@ -3,6 +3,8 @@
 Pixels stay uint8 until the augmenter and the teacher server turn them into floats, so the view
 sent to the teacher is the one the student trains on. A sample's id is its index in its set and
 travels with it through samplers and batches; `-1` is the label of an unlabeled sample.
+Images are kept as stored (files are decoded at their full size) and `image_size` is the
+student's input: training and evaluation views are cut from the original (`views`).
 Nothing here downloads: CIFAR and ImageFolder trees must already be on disk, and the default
 data set, scikit-learn's `digits`, ships inside scikit-learn.
 """
@@ -10,6 +12,7 @@ data set, scikit-learn's `digits`, ships inside scikit-learn.
 from __future__ import annotations
 
 import bisect
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +35,7 @@ DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
 UNLABELED = -1
 DIGITS_IMAGE_SIZE = 32
 IMAGEFOLDER_IMAGE_SIZE = 224
+IMAGEFOLDER_CROP_PCT = 0.875
 
 Sample = tuple[torch.Tensor, int, int]
 Int64Array = np.ndarray[Any, np.dtype[np.int64]]
@@ -50,19 +54,50 @@ class ImageSource(Protocol):
 
 
 class ImageFiles:
-    """Image files decoded on access with PIL: RGB, resized to `size` x `size` (PIL bilinear)."""
+    """Image files decoded on access with PIL, RGB at their full size (crops are cut later).
 
-    def __init__(self, paths: Sequence[Path], size: int) -> None:
+    The tensor is (3, H, W) over the decoded (H, W, 3) pixels, channels-last in memory, the
+    layout torch's uint8 resize is fastest on.
+    """
+
+    def __init__(self, paths: Sequence[Path]) -> None:
         self.paths = list(paths)
-        self.size = size
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        with Image.open(self.paths[index]) as image:
-            rgb = image.convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR)
-        return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                rgb = np.array(image.convert("RGB"), dtype=np.uint8)
+        except (OSError, SyntaxError) as exc:
+            raise UnreadableImageError(f"cannot decode image {path}: {exc}") from exc
+        return torch.from_numpy(rgb).permute(2, 0, 1)
+
+    def digest(self) -> str:
+        """What identifies these files cheaply: their paths and sizes, in order."""
+        sha = hashlib.sha256()
+        for path in self.paths:
+            sha.update(f"{path}\0{path.stat().st_size}\0".encode())
+        return sha.hexdigest()
+
+
+class UnreadableImageError(OSError):
+    """An image file exists but cannot be decoded; the message names it."""
+
+
+def image_digest(images: ImageSource) -> str:
+    """A SHA-256 that changes when the images do: the pixels of in-memory images, the paths
+    and sizes of files (what a cache of answers per sample id is checked against)."""
+    if isinstance(images, torch.Tensor):
+        return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
+    if isinstance(images, ImageFiles):
+        return images.digest()
+    if isinstance(images, ConcatImages):
+        parts = "".join(image_digest(source) for source in images.sources)
+        return hashlib.sha256(parts.encode()).hexdigest()
+    raise TypeError(f"no digest for images of type {type(images).__name__}")
 
 
 class ConcatImages:
@@ -245,6 +280,8 @@ def load_cifar(
 ) -> tuple[ImageSet, ImageSet]:
     """CIFAR-10 or CIFAR-100 (fine labels) from torchvision's python-pickle files under `root`.
 
+    Images stay at their 32 px; `image_size` is the student's input, cut from them per view.
+
     The files are checked for presence, not for the MD5s of the official archive, so any copy
     in that format loads; a damaged file still fails when it is unpickled.
     """
@@ -270,11 +307,13 @@ def load_cifar(
         },
     )
 
+    _check_size(image_size)
+
     def split(train: bool) -> ImageSet:
         loaded = unchecked_class(root=str(root), train=train, download=False)
         pixels = torch.from_numpy(np.asarray(loaded.data, dtype=np.uint8)).permute(0, 3, 1, 2)
         return ImageSet(
-            _resize_uint8(pixels, _check_size(image_size)),
+            pixels.contiguous(),
             torch.tensor(list(loaded.targets), dtype=torch.int64),
             class_names=[str(name) for name in loaded.classes],
             image_size=image_size,
@@ -290,8 +329,9 @@ def load_image_folder(root: str | Path, *, image_size: int = IMAGEFOLDER_IMAGE_S
         raise DatasetNotFoundError(f"ImageFolder not found: {root} is not a directory")
     folder = datasets.ImageFolder(str(root))
     samples: list[tuple[str, int]] = [(str(path), int(label)) for path, label in folder.samples]
+    _check_size(image_size)
     return ImageSet(
-        ImageFiles([Path(path) for path, _ in samples], _check_size(image_size)),
+        ImageFiles([Path(path) for path, _ in samples]),
         torch.tensor([label for _, label in samples], dtype=torch.int64),
         class_names=[str(name) for name in folder.classes],
         image_size=image_size,
@@ -312,8 +352,9 @@ def load_unlabeled_folder(
         raise DatasetNotFoundError(
             f"no images under {root} (looked for {', '.join(IMG_EXTENSIONS)})"
         )
+    _check_size(image_size)
     return ImageSet(
-        ImageFiles(paths, _check_size(image_size)),
+        ImageFiles(paths),
         torch.full((len(paths),), UNLABELED, dtype=torch.int64),
         class_names=class_names,
         image_size=image_size,
@@ -418,10 +459,3 @@ def _resize_float(images: torch.Tensor, size: int) -> torch.Tensor:
             images, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink
         )
     return images.round().clamp(0, 255).to(torch.uint8)
-
-
-def _resize_uint8(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
-    """uint8 images (N, C, h, w) -> (N, C, size, size), bilinear, a chunk at a time."""
-    if images.shape[-2:] == (size, size):
-        return images.contiguous()
-    return torch.cat([_resize_float(part.float(), size) for part in torch.split(images, chunk)])

@@ -1,10 +1,13 @@
-"""Evaluation: the student's accuracy and fidelity to its teacher, on unaugmented images.
+"""Evaluation: the student's accuracy and fidelity to its teacher, on unaugmented views.
+
+Each image is seen as its evaluation view (`views.eval_view`: short side resized, centre
+crop) at the view size both models share, streamed a batch at a time.
 
 On the held-out split, and on a fixed training probe (its first TRAIN_PROBE images), which
 separates optimisation from generalisation (Stanton et al. 2021): low agreement there means
 the student does not even match the teacher on what it trained on. The teacher's answers are
-fetched once per split (the images never change) and kept. A DeiT-style student also reports
-each head's accuracy.
+fetched once per batch of each split (the views never change) and kept. A DeiT-style student
+also reports each head's accuracy.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from student_worker.data import ImageSet, Sample, collate_uint8
 from student_worker.metrics import FidelityMeter
 from student_worker.teacher import Teacher
+from student_worker.views import EvalViews
 
 TRAIN_PROBE = 512
 BATCH = 256
@@ -28,12 +32,24 @@ class Evaluator:
     """Measures a student on the held-out split and the training probe."""
 
     def __init__(
-        self, eval_set: ImageSet, train_set: ImageSet, teacher: Teacher | None, *, two_heads: bool
+        self,
+        eval_set: ImageSet,
+        train_set: ImageSet,
+        teacher: Teacher | None,
+        *,
+        two_heads: bool,
+        view_size: int,
+        crop_pct: float = 1.0,
+        workers: int = 0,
     ) -> None:
         probe = Subset(train_set, range(min(TRAIN_PROBE, len(train_set))))
-        self.splits: dict[str, Dataset[Sample]] = {"eval": eval_set, "train": probe}
+        self.splits: dict[str, Dataset[Sample]] = {
+            "eval": EvalViews(eval_set, view_size, crop_pct),
+            "train": EvalViews(probe, view_size, crop_pct),
+        }
         self.teacher = teacher
         self.two_heads = two_heads
+        self.workers = workers
         self._teacher_logits: dict[str, list[torch.Tensor]] = {}
 
     def evaluate(self, heads: StudentHeads) -> dict[str, float]:
@@ -50,15 +66,25 @@ class Evaluator:
         return metrics
 
     def _measure(self, split: str, heads: StudentHeads) -> tuple[FidelityMeter, dict[str, float]]:
-        batches = list(DataLoader(self.splits[split], batch_size=BATCH, collate_fn=collate_uint8))
-        teacher_logits = self._teacher_answers(split, batches)
+        batches = DataLoader(
+            self.splits[split],
+            batch_size=BATCH,
+            collate_fn=collate_uint8,
+            num_workers=self.workers,
+        )
+        known = self._teacher_logits.setdefault(split, [])
         meter = FidelityMeter()
         correct = {"class_head_accuracy": 0, "distillation_head_accuracy": 0}
         labeled_count = 0
         for index, (images, labels, _) in enumerate(batches):
             class_logits, distill_logits = (h.float().cpu() for h in heads(images))
             logits = (class_logits + distill_logits) / 2
-            teacher = logits if teacher_logits is None else teacher_logits[index]
+            if self.teacher is None:
+                teacher = logits
+            else:
+                if index == len(known):
+                    known.append(self.teacher.logits(f"eval-{split}-{index}", images, None))
+                teacher = known[index]
             meter.update(logits, teacher, labels)
             labeled = labels >= 0
             labeled_count += int(labeled.sum())
@@ -69,16 +95,3 @@ class Evaluator:
         if not (self.two_heads and labeled_count):
             return meter, {}
         return meter, {key: count / labeled_count for key, count in correct.items()}
-
-    def _teacher_answers(
-        self, split: str, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    ) -> list[torch.Tensor] | None:
-        """The teacher's logits for each batch of `split`, asked the first time only."""
-        if self.teacher is None:
-            return None
-        if split not in self._teacher_logits:
-            self._teacher_logits[split] = [
-                self.teacher.logits(-1 - index, images, None)
-                for index, (images, _, _) in enumerate(batches)
-            ]
-        return self._teacher_logits[split]

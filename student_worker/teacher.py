@@ -29,11 +29,13 @@ class Teacher(Protocol):
 
     round_trip_s: float
 
-    def logits(self, step: int, view: torch.Tensor, mix: Mix | None) -> torch.Tensor: ...
+    def logits(self, tag: str, view: torch.Tensor, mix: Mix | None) -> torch.Tensor:
+        """Raw logits for `view` (mixed by `mix`); `tag` names the request, e.g. "step-12"."""
+        ...
 
 
 class TeacherRequests:
-    """Asks one served teacher for the raw logits of each step's view (request id run/step)."""
+    """Asks one served teacher for the raw logits of each view (request id run-id/tag)."""
 
     def __init__(self, client: TeacherClient, model: str, *, run_id: str) -> None:
         self.client = client
@@ -41,10 +43,10 @@ class TeacherRequests:
         self.run_id = run_id
         self.round_trip_s = 0.0
 
-    def logits(self, step: int, view: torch.Tensor, mix: Mix | None) -> torch.Tensor:
+    def logits(self, tag: str, view: torch.Tensor, mix: Mix | None) -> torch.Tensor:
         started = time.monotonic()
         logits = self.client.infer(
-            view, model=self.model, mix=mix, request_id=f"{self.run_id}/{step}"
+            view, model=self.model, mix=mix, request_id=f"{self.run_id}/{tag}"
         )
         self.round_trip_s = time.monotonic() - started
         return logits

@@ -1,10 +1,11 @@
 """The training loop, readable in one sitting: augment once, ask the teacher, step the student.
 
-Per step: a uint8 batch -> one consistent view (crop, flip, mix parameters, drawn from
-(seed, rank, step)) -> the teacher's raw logits for that view (prefetched K steps ahead) ->
-the student's forward on the same view -> the objective (`objective`) -> backward, clip,
-step. Each step and each evaluation (every epoch, or every `eval_every` steps) goes to the
-run log (`runlog`); a checkpoint every `checkpoint_every` steps and at the end or at
+Per step: a batch of views cut from the original images in the loader's workers (crop, flip,
+drawn from (seed, rank, step, position)) and the step's mix parameters -> the teacher's raw
+logits for what the teaching mode shows it (`teaching`; prefetched K steps ahead) -> the
+student's forward on its view -> the objective (`objective`) -> backward, clip, step. Each
+step and each evaluation (every epoch, or every `eval_every` steps) goes to the run log
+(`runlog`); a checkpoint every `checkpoint_every` steps and at the end or at
 SIGTERM lets `--resume` continue exactly where the run stopped.
 """
 
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from student_worker import distributed
-from student_worker.augment import AugmentedBatch, AugmentSettings, ConsistentViews, student_input
+from student_worker.augment import AugmentedBatch, batch_views, student_input
 from student_worker.checkpoint import (
     LATEST,
     load_checkpoint,
@@ -34,13 +35,15 @@ from student_worker.checkpoint import (
     save_checkpoint,
 )
 from student_worker.config import RunConfig
-from student_worker.data import build_datasets, collate_uint8
+from student_worker.data import build_datasets
 from student_worker.evaluation import Evaluator
 from student_worker.models import TwoHeads, has_two_heads
 from student_worker.optim import build_optimizer, lr_factor
 from student_worker.prefetch import Prefetcher
 from student_worker.runlog import RunLog
 from student_worker.teacher import NoTeacher, Teacher, TeacherRequests, connect_teacher
+from student_worker.teaching import FixedCacheMismatch, FixedTargets, fixed_cache_key
+from student_worker.views import StepBatches, TrainViews, ViewBatch, collate_views
 from teacher_server.shared.archs import create_model
 from teacher_server.shared.contract import Mix
 from teacher_server.shared.weights import load_weights
@@ -66,6 +69,8 @@ class Step:
     index: int
     epoch: int
     batch: AugmentedBatch
+    sample_ids: torch.Tensor
+    data_wait_s: float
 
 
 class Trainer:
@@ -133,8 +138,11 @@ class Trainer:
             self.teacher = self._connection
             # FunMatch: the view is cut at the larger resolution and resized for each model.
             view_size = max(size, *teacher_size)
-        self.augment = AugmentSettings(view_size=view_size, **config.augment.model_dump())
+        self.view_size = view_size
+        self.augment = config.augment_settings(view_size)
         self.sampler = self._sampler()
+        self.step_batches = StepBatches()
+        self.loader = self._loader()
         self.steps_per_epoch = len(self.sampler) // config.batch_size
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.optimizer = build_optimizer(config.optimizer, self.model.parameters())
@@ -146,7 +154,13 @@ class Trainer:
             self.device.type, enabled=self.amp_dtype == torch.float16
         )
         self.evaluator = Evaluator(
-            self.eval_set, self.train_set, self.teacher, two_heads=has_two_heads(self.model)
+            self.eval_set,
+            self.train_set,
+            self.teacher,
+            two_heads=has_two_heads(self.model),
+            view_size=view_size,
+            crop_pct=config.data.eval_crop_pct,
+            workers=config.data.workers,
         )
         self.step = 0
         if self.world.is_main:
@@ -162,6 +176,7 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=self.teacher is None and has_two_heads(self.model),
             )
+        self.fixed_targets = self._fixed_targets() if config.teaching.mode == "fixed" else None
 
     def _sampler(self) -> DistributedSampler[int]:
         """This rank's share of each epoch, shuffled by (seed, epoch) alone, so a resumed run
@@ -185,6 +200,62 @@ class Trainer:
                 f"training images of each of the {self.world.size} rank(s)"
             )
         return sampler
+
+    def _loader(self) -> DataLoader[ViewBatch]:
+        """The run's one loader: workers (persistent) cut each step's views from the originals."""
+        workers = self.config.data.workers
+        views = TrainViews(
+            self.train_set,
+            self.augment.crop,
+            seed=self.config.seed,
+            rank=self.world.rank,
+            independent=self.config.teaching.mode == "independent",
+        )
+        return DataLoader(
+            views,  # type: ignore[arg-type]
+            batch_sampler=self.step_batches,
+            collate_fn=collate_views,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=self.device.type == "cuda",
+            # Its own generator for the loader's base seed, so the global RNG (saved in
+            # checkpoints) is not drawn from at each epoch's start.
+            generator=torch.Generator().manual_seed(self.config.seed),
+        )
+
+    def _fixed_targets(self) -> FixedTargets:
+        """`fixed` teaching's answers: rank 0 fills the cache (asking the teacher once per
+        image), the other ranks then read it (or fill their own, off a shared disk)."""
+        teacher = self.teacher
+        if teacher is None:
+            raise TrainingError("teaching 'fixed' needs a teacher")
+        data = self.config.data
+        key = fixed_cache_key(
+            self.train_set,
+            data=self.info.name,
+            view_size=self.view_size,
+            fixed_view=self.config.teaching.fixed_view,
+            crop_pct=data.eval_crop_pct,
+            teacher=getattr(teacher, "model", type(teacher).__name__),
+        )
+        path = self.config.fixed_cache_path
+
+        def prepare() -> FixedTargets:
+            try:
+                return FixedTargets.prepare(
+                    path,
+                    key,
+                    self.train_set,
+                    lambda tag, views: teacher.logits(tag, views, None),
+                    workers=data.workers,
+                    show_progress=self.world.is_main,
+                )
+            except FixedCacheMismatch as exc:
+                raise TrainingError(str(exc)) from None
+
+        targets = prepare() if self.world.is_main else None
+        distributed.barrier(self.world)
+        return targets or prepare()
 
     # ---- the loop -----------------------------------------------------------------------
 
@@ -220,7 +291,7 @@ class Trainer:
         """One epoch's steps (from the current one); the last mid-epoch evaluation, if any."""
         metrics: dict[str, float] = {}
         self.network.train()
-        started, images = time.monotonic(), 0
+        started, images, data_wait_s = time.monotonic(), 0, 0.0
         done_before = self.step - epoch * self.steps_per_epoch
         # A bar on a terminal; logs get metrics.jsonl instead (tqdm disables itself off a TTY).
         with tqdm(
@@ -233,6 +304,7 @@ class Trainer:
         ) as bar:
             for item, teacher_logits in self._with_teacher(self._steps(epoch, done_before)):
                 loss, parts = self._train_step(item, teacher_logits)
+                data_wait_s += item.data_wait_s
                 images += item.batch.view.shape[0] * self.world.size
                 self.step += 1
                 stop = distributed.any_rank(self.world, self._stop_requested, self.device)
@@ -248,6 +320,7 @@ class Trainer:
                     "lr": self.scheduler.get_last_lr()[0],
                     "images_per_s": images / max(1e-9, time.monotonic() - started),
                     "teacher_ms": self.teacher.round_trip_s * 1e3 if self.teacher else 0.0,
+                    "data_wait_share": data_wait_s / max(1e-9, time.monotonic() - started),
                 }
                 if self.world.is_main:
                     self.run_log.append(record)
@@ -269,39 +342,51 @@ class Trainer:
         return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
 
     def _steps(self, epoch: int, skip: int) -> Iterator[Step]:
-        """This epoch's batches from batch `skip` on, each with its own consistent view.
+        """This epoch's batches from batch `skip` on, each with its views and mix.
 
-        A step's crops and mixing are drawn from (seed, rank, step) alone, so a resumed run
-        draws the same views without saving any augmentation state; a resumed run loads no
-        skipped image, and no batch past the run's last step is drawn.
+        A step's crops come from (seed, rank, step, position) and its mixing from (seed, rank,
+        step) alone, so a resumed run draws the same views without saving any augmentation
+        state; a resumed run loads no skipped image, and no batch past the run's last step is
+        drawn. `data_wait_s` is how long the step waited for its batch.
         """
         self.sampler.set_epoch(epoch)
-        order = list(self.sampler)
+        order = [int(self.train_subset.indices[i]) for i in self.sampler]
         size = self.config.batch_size
         batches = [order[i : i + size] for i in range(0, self._epoch_steps(epoch) * size, size)]
-        loader = DataLoader(
-            self.train_subset,
-            batch_sampler=batches[skip:],
-            collate_fn=collate_uint8,
-            num_workers=self.config.data.workers,
-            # Its own generator for the loader's base seed, so the global RNG (saved in
-            # checkpoints) is not drawn from at each epoch's start.
-            generator=torch.Generator().manual_seed(self.config.seed),
-        )
-        for index, (images, labels, _) in enumerate(loader, start=skip):
-            step = epoch * self.steps_per_epoch + index
-            views = ConsistentViews(self.augment, seed=(self.config.seed, self.world.rank, step))
-            yield Step(step, epoch, views(images, labels))
+        first = epoch * self.steps_per_epoch + skip
+        self.step_batches.set(first, batches[skip:])
+        loader = iter(self.loader)
+        for step in range(first, first + len(self.step_batches)):
+            waited = time.monotonic()
+            batch = next(loader)
+            data_wait_s = time.monotonic() - waited
+            views = batch_views(
+                self.augment,
+                batch.views,
+                batch.labels,
+                seed=self.config.seed,
+                rank=self.world.rank,
+                step=step,
+                teacher_view=batch.teacher_views,
+            )
+            yield Step(step, epoch, views, batch.sample_ids, data_wait_s)
 
     def _with_teacher(self, steps: Iterator[Step]) -> Iterator[tuple[Step, torch.Tensor | None]]:
-        """Each step with the teacher's raw logits for its view, asked K steps ahead."""
+        """Each step with the teacher's raw logits for what it is shown, asked K steps ahead
+        (`fixed`: the kept answers for the step's images)."""
         if self.teacher is None:
             for step in steps:
                 yield step, None
             return
+        if self.fixed_targets is not None:
+            for step in steps:
+                yield step, self.fixed_targets(step.sample_ids)
+            return
         teacher = self.teacher
         prefetch: Prefetcher[Step] = Prefetcher(
-            lambda item: teacher.logits(item.index, item.batch.view, item.batch.mix),
+            lambda item: teacher.logits(
+                f"step-{item.index}", item.batch.teacher_input, item.batch.mix
+            ),
             depth=self.config.teacher.prefetch,
         )
         yield from prefetch(steps)

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 BATCH_SIZE = 16
 TOTAL_STEPS = 60
 KILL_AFTER_STEP = 4
-TIMING_FIELDS = ("images_per_s", "teacher_ms")
+TIMING_FIELDS = ("images_per_s", "teacher_ms", "data_wait_share")
 UNAVAILABLE = "teacher unavailable"
 ANSWERED_AGAIN = "teacher answered"
 

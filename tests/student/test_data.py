@@ -24,6 +24,7 @@ from student_worker.data import (
     load_image_folder,
     load_unlabeled_folder,
 )
+from student_worker.views import EvalViews
 
 
 def test_digits_are_uint8_rgb_with_ten_classes() -> None:
@@ -131,10 +132,11 @@ def test_cifar_loads_local_files(tmp_path: Path, num_classes: int) -> None:
     assert (label, sample_id) == (test_labels[2], 2)
 
 
-def test_cifar_resized_and_through_build(tmp_path: Path) -> None:
+def test_cifar_keeps_its_32_px_for_any_student_size(tmp_path: Path) -> None:
     _write_cifar(tmp_path, 10)
     train_set, _, info = build_datasets("cifar10", root=tmp_path, image_size=16)
-    assert train_set[0][0].shape == (3, 16, 16) and info.class_names[0] == "c0"
+    assert train_set[0][0].shape == (3, 32, 32) and info.class_names[0] == "c0"
+    assert train_set.image_size == info.image_size == 16
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
@@ -161,9 +163,12 @@ def test_image_folder_train_eval_and_errors(tmp_path: Path) -> None:
         "imagefolder", root=tmp_path / "train", eval_root=tmp_path / "val", image_size=12
     )
     assert info.class_names == ["cat", "dog"] and (len(train_set), len(eval_set)) == (5, 5)
+    assert train_set.image_size == 12
     image, label, sample_id = train_set[3]
-    assert image.dtype == torch.uint8 and image.shape == (3, 12, 12)
+    # Decoded at full size (a 7 x 9 PNG): views are cut from the original later.
+    assert image.dtype == torch.uint8 and image.shape == (3, 9, 7)
     assert (label, sample_id) == (1, 3) and int(image[0, 0, 0]) == 6 * 20
+    assert train_set[0][0].shape == (3, 10, 20)
     with pytest.raises(DatasetNotFoundError, match="nowhere"):
         load_image_folder(tmp_path / "nowhere", image_size=12)
     _write_pngs(tmp_path / "other" / "bird", 1, (4, 4))
@@ -177,7 +182,8 @@ def test_unlabeled_folder_flat_or_tree(tmp_path: Path) -> None:
     (tmp_path / "flat" / "notes.txt").write_text("not an image")
     flat = load_unlabeled_folder(tmp_path / "flat", image_size=8, class_names=["a", "b"])
     assert len(flat) == 4 and bool((flat.labels == -1).all())
-    assert flat[3][0].shape == (3, 8, 8) and flat[3][1] == -1
+    assert flat[3][0].shape == (3, 5, 5) and flat[3][1] == -1
+    assert flat[0][0].shape == (3, 4, 4)  # g.png, grey, decoded as RGB
     _write_pngs(tmp_path / "tree" / "x", 2, (5, 5))
     _write_pngs(tmp_path / "tree" / "y", 2, (5, 5))
     tree = load_unlabeled_folder(tmp_path / "tree", image_size=8, class_names=["a"])
@@ -196,8 +202,10 @@ def test_build_with_unlabeled_extra_has_unique_ids(tmp_path: Path) -> None:
     assert info.num_labeled == len(train_set.labeled_indices()) == round(0.5 * 1437)
     tail = [train_set[i] for i in range(len(train_set) - 7, len(train_set))]
     assert [label for _, label, _ in tail[1:]] == [-1] * 6
-    assert all(image.shape == (3, 16, 16) for image, _, _ in tail)
-    loader = DataLoader(train_set, batch_size=256, shuffle=True, collate_fn=collate_uint8)
+    assert tail[0][0].shape == (3, 16, 16)
+    assert all(image.shape == (3, 10, 10) for image, _, _ in tail[1:])
+    views = EvalViews(train_set, 16, 1.0)
+    loader = DataLoader(views, batch_size=256, shuffle=True, collate_fn=collate_uint8)
     ids = torch.cat([sample_ids for _, _, sample_ids in loader])
     assert sorted(ids.tolist()) == list(range(len(train_set)))
 

@@ -1,0 +1,174 @@
+"""What the teacher sees of each training image: FunMatch's four teaching modes.
+
+`consistent` and `function_matching` send the student's own (mixed) view and `independent`
+a crop of its own (`views.TrainViews`); each costs one teacher forward per image per step.
+`fixed` asks the teacher once per image, about one fixed view, and keeps the answers here: a
+file of logits by sample id, with what they were computed for (data, view, teacher) in its
+metadata, checked before it is used, and filled in chunks so an interrupted run keeps what it
+already asked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from student_worker.data import ImageSet, collate_uint8, image_digest
+from student_worker.views import EvalViews
+
+log = logging.getLogger(__name__)
+
+FIXED_BATCH = 256
+SAVE_EVERY_S = 30.0
+AskTeacher = Callable[[str, torch.Tensor], torch.Tensor]
+"""(request tag, uint8 views) -> the teacher's raw logits for them."""
+
+
+class FixedCacheMismatch(ValueError):
+    """A `fixed` cache was computed for other images, views or teacher."""
+
+
+@dataclass(frozen=True)
+class FixedCacheKey:
+    """What a `fixed` cache's answers depend on; every field must match to reuse it."""
+
+    data: str
+    images: int
+    image_digest: str
+    num_classes: int
+    view_size: int
+    fixed_view: str
+    crop_pct: float | None
+    teacher: str
+
+    def metadata(self) -> dict[str, str]:
+        return {"key": json.dumps(asdict(self), sort_keys=True)}
+
+
+def fixed_view_crop_pct(fixed_view: str, crop_pct: float) -> float | None:
+    """The eval-view crop_pct of a `fixed` view: centre crop at crop_pct, or None (resize)."""
+    return crop_pct if fixed_view == "center_crop" else None
+
+
+class FixedTargets:
+    """The teacher's logits for one fixed view of every training image, by sample id."""
+
+    def __init__(self, logits: torch.Tensor, done: torch.Tensor) -> None:
+        self.logits = logits
+        self.done = done
+
+    def __call__(self, sample_ids: torch.Tensor) -> torch.Tensor:
+        """The kept logits of `sample_ids` (a batch's)."""
+        return self.logits.index_select(0, sample_ids)
+
+    @classmethod
+    def prepare(
+        cls,
+        path: Path,
+        key: FixedCacheKey,
+        images: ImageSet,
+        ask: AskTeacher,
+        *,
+        workers: int = 0,
+        show_progress: bool = True,
+    ) -> FixedTargets:
+        """Load the cache at `path` (checked against `key`) and ask the teacher for the images
+        it lacks, FIXED_BATCH at a time, saving every SAVE_EVERY_S and at the end."""
+        targets = cls._load(path, key) if path.exists() else None
+        if targets is None:
+            targets = cls(
+                torch.zeros((key.images, key.num_classes), dtype=torch.float32),
+                torch.zeros(key.images, dtype=torch.bool),
+            )
+        missing = torch.nonzero(~targets.done).flatten().tolist()
+        if not missing:
+            return targets
+        log.info(
+            "fixed teaching: asking the teacher about %d of %d images", len(missing), key.images
+        )
+        views = EvalViews(Subset(images, missing), key.view_size, key.crop_pct)
+        loader = DataLoader(
+            views, batch_size=FIXED_BATCH, collate_fn=collate_uint8, num_workers=workers
+        )
+        saved = time.monotonic()
+        with tqdm(
+            total=len(missing),
+            desc="fixed teacher views",
+            unit="img",
+            disable=None if show_progress else True,
+        ) as bar:
+            for batch, (pixels, _, sample_ids) in enumerate(loader):
+                targets.logits[sample_ids] = ask(f"fixed-{batch}", pixels).float().cpu()
+                targets.done[sample_ids] = True
+                bar.update(len(sample_ids))
+                if time.monotonic() - saved > SAVE_EVERY_S:
+                    targets.save(path, key)
+                    saved = time.monotonic()
+        targets.save(path, key)
+        return targets
+
+    @classmethod
+    def _load(cls, path: Path, key: FixedCacheKey) -> FixedTargets:
+        try:
+            with safetensors.safe_open(str(path), framework="pt") as handle:
+                stored = json.loads((handle.metadata() or {}).get("key", "{}"))
+                logits, done = handle.get_tensor("logits"), handle.get_tensor("done")
+        except (OSError, ValueError, safetensors.SafetensorError) as exc:
+            raise FixedCacheMismatch(
+                f"teaching.cache {path} is not a kdserve fixed cache: {exc}"
+            ) from None
+        expected = asdict(key)
+        for field, value in expected.items():
+            if stored.get(field) != value:
+                raise FixedCacheMismatch(
+                    f"teaching.cache {path} was computed for {field} {stored.get(field)!r}, "
+                    f"but this run has {field} {value!r}: delete it or point teaching.cache "
+                    "elsewhere"
+                )
+        if logits.shape != (key.images, key.num_classes) or done.shape != (key.images,):
+            raise FixedCacheMismatch(
+                f"teaching.cache {path} holds logits {list(logits.shape)}, expected "
+                f"[{key.images}, {key.num_classes}]"
+            )
+        return cls(logits.float(), done.bool())
+
+    def save(self, path: Path, key: FixedCacheKey) -> None:
+        """Write atomically (a temporary file, then a rename), so a crash keeps the last copy."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        safetensors.torch.save_file(
+            {"logits": self.logits, "done": self.done}, str(tmp), metadata=key.metadata()
+        )
+        os.replace(tmp, path)
+
+
+def fixed_cache_key(
+    images: ImageSet,
+    *,
+    data: str,
+    view_size: int,
+    fixed_view: str,
+    crop_pct: float,
+    teacher: str,
+) -> FixedCacheKey:
+    """The key of a `fixed` cache for this run's training images, view and teacher."""
+    return FixedCacheKey(
+        data=data,
+        images=len(images),
+        image_digest=image_digest(images.images),
+        num_classes=images.num_classes,
+        view_size=view_size,
+        fixed_view=fixed_view,
+        crop_pct=fixed_view_crop_pct(fixed_view, crop_pct),
+        teacher=teacher,
+    )

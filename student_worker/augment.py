@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from student_worker.views import CropSettings, random_view, sample_generator, step_seed
+from student_worker.views import CropSettings, PixelAugment, TrainViews, ViewKey, step_seed
 from teacher_server.shared.contract import Mix
 from teacher_server.shared.views import mix_views, normalize, resize_views, to_unit_float
 
@@ -69,11 +69,19 @@ class AugmentSettings:
     cutmix_alpha: float = 0.0
     mix_prob: float = 1.0
     switch_prob: float = 0.5
+    randaugment_layers: int = 0
+    randaugment_magnitude: int = 9
+    erasing_prob: float = 0.0
 
     @property
     def crop(self) -> CropSettings:
-        """The per-sample part, cut in the data loader's workers."""
+        """The per-sample crop and flip, cut in the data loader's workers."""
         return CropSettings(self.view_size, self.crop_scale, self.crop_ratio, self.flip)
+
+    @property
+    def pixels(self) -> PixelAugment:
+        """The per-sample RandAugment and random erasing, after the crop."""
+        return PixelAugment(self.randaugment_layers, self.randaugment_magnitude, self.erasing_prob)
 
 
 def draw_mix(settings: AugmentSettings, batch: int, rng: np.random.Generator) -> Mix | None:
@@ -120,12 +128,18 @@ class ConsistentViews:
             raise ValueError(
                 f"images must be uint8 (B, 3, H, W), got {images.dtype} {list(images.shape)}"
             )
-        crop = self.settings.crop
-        view = torch.stack(
+        views = TrainViews(
             [
-                random_view(image, crop, sample_generator(self.seed, self.rank, self.step, i))
-                for i, image in enumerate(images)
-            ]
+                (image, int(label), i)
+                for i, (image, label) in enumerate(zip(images, labels, strict=True))
+            ],
+            self.settings.crop,
+            seed=self.seed,
+            rank=self.rank,
+            pixels=self.settings.pixels,
+        )
+        view = torch.stack(
+            [views[ViewKey(self.step, i, i)][0] for i in range(int(images.shape[0]))]
         )
         return batch_views(
             self.settings, view, labels, seed=self.seed, rank=self.rank, step=self.step

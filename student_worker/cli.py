@@ -68,13 +68,17 @@ def train_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def export(run_dir: Path, out: Path) -> None:
-    """Write a run's student weights as safetensors (the form the teacher server loads)."""
+def export(run_dir: Path, out: Path, *, ema: bool = False) -> None:
+    """Write a run's student weights (or their moving average) as safetensors, the form the
+    teacher server loads."""
     import safetensors.torch
 
     state = load_checkpoint(run_dir)
+    if ema and not state.get("ema"):
+        raise CheckpointError(f"{run_dir} was trained without ema (set ema.decay to keep one)")
+    weights = state["ema"] if ema else state["model"]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in state["model"].items()}
+    tensors = {k: v.contiguous() for k, v in weights.items()}
     safetensors.torch.save_file(tensors, str(out))
 
 
@@ -86,9 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         parser = argparse.ArgumentParser(prog="kdserve-student export")
         parser.add_argument("run_dir", type=Path)
         parser.add_argument("--out", type=Path, required=True)
+        parser.add_argument(
+            "--ema", action="store_true", help="the moving average of the weights (ema.decay)"
+        )
         args = parser.parse_args(arguments[1:])
         try:
-            export(args.run_dir, args.out)
+            export(args.run_dir, args.out, ema=args.ema)
         except CheckpointError as exc:
             print(f"kdserve-student: {exc}", file=sys.stderr)
             return 2

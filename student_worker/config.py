@@ -43,6 +43,7 @@ class DataConfig(_Strict):
     eval_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     crop_pct: float | None = Field(None, gt=0.0, le=1.0)
     workers: int = Field(0, ge=0)
+    repeated_augment: int = Field(1, ge=1)
 
     @property
     def eval_crop_pct(self) -> float:
@@ -67,6 +68,9 @@ class AugmentConfig(_Strict):
     cutmix_alpha: float = Field(0.0, ge=0.0)
     mix_prob: float = Field(1.0, ge=0.0, le=1.0)
     switch_prob: float = Field(0.5, ge=0.0, le=1.0)
+    randaugment_layers: int = Field(0, ge=0)
+    randaugment_magnitude: int = Field(9, ge=0, le=30)
+    erasing_prob: float = Field(0.0, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _ranges(self) -> AugmentConfig:
@@ -144,18 +148,46 @@ class LossConfig(_Strict):
 
 
 class OptimizerConfig(_Strict):
-    name: Literal["sgd", "adamw"] = "sgd"
+    """SGD, Adam (L2 weight decay, as torch's) or AdamW (decoupled); `lr` is the base rate."""
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = Field(0.05, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    @model_validator(mode="after")
+    def _betas(self) -> OptimizerConfig:
+        if not all(0.0 <= beta < 1.0 for beta in self.betas):
+            raise ValueError(f"optimizer.betas must be in [0, 1), got {list(self.betas)}")
+        return self
 
 
 class ScheduleConfig(_Strict):
-    name: Literal["cosine", "multistep"] = "cosine"
+    """Linear warm-up per step, then cosine (down to min_lr), multistep or step decay."""
+
+    name: Literal["cosine", "multistep", "step"] = "cosine"
     warmup_epochs: float = Field(0.0, ge=0.0)
     milestones: list[int] = []
+    step_epochs: int | None = Field(None, ge=1)
     gamma: float = Field(0.1, gt=0.0)
+    min_lr: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _fits_its_name(self) -> ScheduleConfig:
+        if self.name == "step" and self.step_epochs is None:
+            raise ValueError("schedule 'step' needs schedule.step_epochs (lr x gamma every N)")
+        if self.name == "multistep" and not self.milestones:
+            raise ValueError("schedule 'multistep' needs schedule.milestones, e.g. [150, 180]")
+        return self
+
+
+class EmaConfig(_Strict):
+    """An exponential moving average of the student's weights, updated every step, evaluated
+    beside the student (`ema_*` metrics) and exported with `export --ema` (DeiT: 0.99996)."""
+
+    decay: float | None = Field(None, gt=0.0, lt=1.0)
 
 
 class TeacherSettings(_Strict):
@@ -188,10 +220,25 @@ class TeacherSettings(_Strict):
 
 
 class StudentConfig(_Strict):
+    """The student's architecture and start: `init_weights` (e.g. the teacher's, for the same
+    arch) mixed as `init_interpolation * weights + (1 - it) * random` (Stanton et al. 2021,
+    section 6); `drop_path` is the ViTs' stochastic depth rate (DeiT: 0.1)."""
+
     arch: str = "kdserve:resnet8"
     init_weights: Path | None = None
+    init_interpolation: float = Field(1.0, ge=0.0, le=1.0)
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+
+    @model_validator(mode="after")
+    def _interpolation_needs_weights(self) -> StudentConfig:
+        if self.init_interpolation != 1.0 and self.init_weights is None:
+            raise ValueError(
+                f"student.init_interpolation {self.init_interpolation} needs "
+                "student.init_weights (the weights to interpolate with a random start)"
+            )
+        return self
 
 
 class RunConfig(_Strict):
@@ -205,6 +252,7 @@ class RunConfig(_Strict):
     teaching: TeachingConfig = TeachingConfig()
     teacher: TeacherSettings = TeacherSettings()
     student: StudentConfig = StudentConfig()
+    ema: EmaConfig = EmaConfig()
     epochs: int = Field(10, ge=1)
     max_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -222,6 +270,14 @@ class RunConfig(_Strict):
         if self.loss.needs_teacher and not self.teacher.endpoints:
             raise ValueError(
                 f"loss {self.loss.name!r} needs a teacher: set teacher.endpoints or --teacher"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _min_lr_below_lr(self) -> RunConfig:
+        if self.schedule.min_lr > self.optimizer.lr:
+            raise ValueError(
+                f"schedule.min_lr {self.schedule.min_lr} is above optimizer.lr {self.optimizer.lr}"
             )
         return self
 

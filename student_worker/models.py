@@ -7,8 +7,12 @@ gives its one output for both.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
+
+from teacher_server.shared.weights import load_weights
 
 
 def has_two_heads(model: nn.Module) -> bool:
@@ -33,3 +37,19 @@ class TwoHeads(nn.Module):
             return heads
         logits: torch.Tensor = self.model(inputs)
         return logits, logits
+
+
+@torch.no_grad()
+def init_from_weights(model: nn.Module, path: Path, interpolation: float = 1.0) -> None:
+    """Start `model` from `interpolation * weights + (1 - interpolation) * its random init`
+    (Stanton et al. 2021, section 6: a student of the teacher's architecture started near the
+    teacher); 1.0 loads the weights as they are. Integer buffers take the file's values."""
+    if not 0.0 <= interpolation <= 1.0:
+        raise ValueError(f"init_interpolation must be in [0, 1], got {interpolation}")
+    random_start = {name: value.clone() for name, value in model.state_dict().items()}
+    load_weights(model, path)
+    if interpolation == 1.0:
+        return
+    for name, value in model.state_dict().items():
+        if value.is_floating_point():
+            value.mul_(interpolation).add_(random_start[name], alpha=1.0 - interpolation)

@@ -36,17 +36,18 @@ from student_worker.checkpoint import (
 )
 from student_worker.config import RunConfig
 from student_worker.data import build_datasets
+from student_worker.ema import WeightsAverage
 from student_worker.evaluation import Evaluator
-from student_worker.models import TwoHeads, has_two_heads
+from student_worker.models import TwoHeads, has_two_heads, init_from_weights
 from student_worker.optim import build_optimizer, lr_factor
 from student_worker.prefetch import Prefetcher
 from student_worker.runlog import RunLog
+from student_worker.sampling import RepeatedAugmentSampler
 from student_worker.teacher import NoTeacher, Teacher, TeacherRequests, connect_teacher
 from student_worker.teaching import FixedCacheMismatch, FixedTargets, fixed_cache_key
 from student_worker.views import StepBatches, TrainViews, ViewBatch, collate_views
-from teacher_server.shared.archs import create_model
+from teacher_server.shared.archs import NoStochasticDepth, create_model
 from teacher_server.shared.contract import Mix
-from teacher_server.shared.weights import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +115,18 @@ class Trainer:
         )
         size = self.info.image_size
         self.student_size = (size, size)
-        self.model = create_model(config.student.arch, self.info.num_classes, self.student_size)
-        if config.student.init_weights is not None:
-            load_weights(self.model, config.student.init_weights)
+        student = config.student
+        try:
+            self.model = create_model(
+                student.arch, self.info.num_classes, self.student_size, drop_path=student.drop_path
+            )
+        except NoStochasticDepth as exc:
+            raise TrainingError(f"student.drop_path: {exc}") from None
+        if student.init_weights is not None:
+            init_from_weights(self.model, student.init_weights, student.init_interpolation)
         self.model.to(self.device)
         self.heads = TwoHeads(self.model)
+        self.ema = WeightsAverage(self.model, config.ema.decay) if config.ema.decay else None
         self.mean = torch.tensor(config.student.mean, device=self.device)
         self.std = torch.tensor(config.student.std, device=self.device)
         self.objective = config.loss.objective(size)
@@ -148,7 +156,9 @@ class Trainer:
         self.optimizer = build_optimizer(config.optimizer, self.model.parameters())
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
-            lambda step: lr_factor(config.schedule, step, self.steps_per_epoch, self.total_steps),
+            lambda step: lr_factor(
+                config.schedule, step, self.steps_per_epoch, self.total_steps, config.optimizer.lr
+            ),
         )
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.amp_dtype == torch.float16
@@ -178,22 +188,33 @@ class Trainer:
             )
         self.fixed_targets = self._fixed_targets() if config.teaching.mode == "fixed" else None
 
-    def _sampler(self) -> DistributedSampler[int]:
+    def _sampler(self) -> DistributedSampler[int] | RepeatedAugmentSampler:
         """This rank's share of each epoch, shuffled by (seed, epoch) alone, so a resumed run
-        sees the same order; a student without a teacher sees the labeled samples alone."""
+        sees the same order (`data.repeated_augment` > 1: DeiT's repeated augmentation); a
+        student without a teacher sees the labeled samples alone."""
         everything = range(len(self.train_set))
         labeled = self.train_set.labeled_indices().tolist()
         self.train_subset = Subset(
             self.train_set, everything if self.config.loss.needs_teacher else labeled
         )
-        sampler: DistributedSampler[int] = DistributedSampler(
-            self.train_subset,
-            num_replicas=self.world.size,
-            rank=self.world.rank,
-            shuffle=True,
-            seed=self.config.seed,
-            drop_last=True,
-        )
+        sampler: DistributedSampler[int] | RepeatedAugmentSampler
+        if self.config.data.repeated_augment > 1:
+            sampler = RepeatedAugmentSampler(
+                len(self.train_subset),
+                repeats=self.config.data.repeated_augment,
+                num_replicas=self.world.size,
+                rank=self.world.rank,
+                seed=self.config.seed,
+            )
+        else:
+            sampler = DistributedSampler(
+                self.train_subset,
+                num_replicas=self.world.size,
+                rank=self.world.rank,
+                shuffle=True,
+                seed=self.config.seed,
+                drop_last=True,
+            )
         if len(sampler) < self.config.batch_size:
             raise TrainingError(
                 f"batch_size {self.config.batch_size} is larger than the {len(sampler)} "
@@ -210,6 +231,7 @@ class Trainer:
             seed=self.config.seed,
             rank=self.world.rank,
             independent=self.config.teaching.mode == "independent",
+            pixels=self.augment.pixels,
         )
         return DataLoader(
             views,  # type: ignore[arg-type]
@@ -409,6 +431,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
         return float(total.detach()), parts
 
     def _student_logits(
@@ -434,6 +458,12 @@ class Trainer:
             metrics = self.evaluator.evaluate(
                 lambda images: self._student_logits(self.heads, images, None)
             )
+            if self.ema is not None:
+                average = TwoHeads(self.ema.module)
+                measured = self.evaluator.evaluate(
+                    lambda images: self._student_logits(average, images, None)
+                )
+                metrics.update({f"ema_{key}": value for key, value in measured.items()})
             self.run_log.append({"kind": "eval", "step": self.step, "epoch": epoch, **metrics})
             log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             self.heads.train()
@@ -451,6 +481,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else {},
             "rng": rng_state(),
             "config": self.config.model_dump(mode="json", exclude={"teacher": {"token"}}),
         }
@@ -462,6 +493,10 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            if not state.get("ema"):
+                raise TrainingError(f"{self.out} was trained without ema: it cannot resume with it")
+            self.ema.load_state_dict(state["ema"])
         restore_rng_state(state["rng"])
         self.step = int(state["step"])
         if self.world.is_main:

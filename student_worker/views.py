@@ -2,11 +2,11 @@
 
 Training: a random resized crop drawn on the image as stored (a JPEG at its full size, a CIFAR
 image at 32 px), resized once to the view size (the larger of the teacher's and the student's
-input), then a flip, all on uint8. Evaluation: the short side resized to size / crop_pct and
-the centre cropped (timm's eval transform). Each sample's randomness comes from its own
-generator seeded by (seed, rank, step, stream, position in the batch), so a view depends on
-nothing else: not on the worker that cut it, nor on how many workers there are, and a resumed
-run cuts the same views.
+input), then a flip, RandAugment and random erasing (timm's order), all on uint8.
+Evaluation: the short side resized to size / crop_pct and the centre cropped (timm's eval
+transform). Each sample's randomness comes from its own generator seeded by (seed, rank,
+step, stream, position in the batch), so a view depends on nothing else: not on the worker
+that cut it, nor on how many workers there are, and a resumed run cuts the same views.
 """
 
 from __future__ import annotations
@@ -14,16 +14,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from student_worker.data import ImageSet
+from student_worker.data import Sample
 from teacher_server.shared.tv import import_torchvision
 
 import_torchvision()
+from torchvision.transforms import v2 as transforms_v2  # noqa: E402
 from torchvision.transforms.v2 import functional as tv_functional  # noqa: E402
 
 STUDENT_STREAM = 1
@@ -40,6 +41,24 @@ class CropSettings:
     scale: tuple[float, float] = (0.35, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
+
+
+@dataclass(frozen=True)
+class PixelAugment:
+    """RandAugment (torchvision v2: `layers` ops at `magnitude` of 30) and random erasing
+    (timm's RandomErasing, mode "pixel", with uniform uint8 noise) on a cut view."""
+
+    randaugment_layers: int = 0
+    randaugment_magnitude: int = 9
+    erasing_prob: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.randaugment_layers > 0 or self.erasing_prob > 0
+
+
+ERASE_AREA = (0.02, 1 / 3)
+ERASE_LOG_RATIO = (math.log(0.3), math.log(1 / 0.3))
 
 
 def step_seed(seed: int, rank: int, step: int) -> tuple[int, int, int, int]:
@@ -97,6 +116,41 @@ def random_view(image: torch.Tensor, crop: CropSettings, rng: np.random.Generato
     return view.contiguous()
 
 
+def augment_pixels(
+    view: torch.Tensor, pixels: PixelAugment, rng: np.random.Generator
+) -> torch.Tensor:
+    """RandAugment, then random erasing, on a uint8 view; every draw from `rng`."""
+    if pixels.randaugment_layers > 0:
+        randaugment = transforms_v2.RandAugment(
+            num_ops=pixels.randaugment_layers, magnitude=pixels.randaugment_magnitude
+        )
+        # torchvision draws from torch's global generator: give it this sample's seed, and
+        # give the caller's state back (the trainer's RNG is part of its checkpoints).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(rng.integers(0, 2**63 - 1)))
+            view = randaugment(view)
+    if pixels.erasing_prob > 0 and float(rng.uniform()) < pixels.erasing_prob:
+        view = _erase(view, rng)
+    return view
+
+
+def _erase(view: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """One box of random uint8 pixels: area share and log-aspect uniform, up to 10 tries."""
+    channels, height, width = view.shape
+    for _ in range(10):
+        area = height * width * float(rng.uniform(*ERASE_AREA))
+        aspect = math.exp(float(rng.uniform(*ERASE_LOG_RATIO)))
+        box_h, box_w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if box_w < width and box_h < height:
+            top = int(rng.integers(0, height - box_h + 1))
+            left = int(rng.integers(0, width - box_w + 1))
+            noise = rng.integers(0, 256, (channels, box_h, box_w), dtype=np.uint8)
+            erased = view.clone()
+            erased[:, top : top + box_h, left : left + box_w] = torch.from_numpy(noise)
+            return erased
+    return view
+
+
 def eval_view(image: torch.Tensor, size: int, crop_pct: float | None) -> torch.Tensor:
     """uint8 (3, H, W) -> (3, size, size): the short side resized to floor(size / crop_pct),
     then the centre crop (timm's eval view); crop_pct None squashes the whole image instead."""
@@ -111,6 +165,14 @@ def eval_view(image: torch.Tensor, size: int, crop_pct: float | None) -> torch.T
         image = tv_functional.resize(image, short, antialias=True)
     cropped: torch.Tensor = tv_functional.center_crop(image, [size, size])
     return cropped.contiguous()
+
+
+class Samples(Protocol):
+    """Indexable `(image, label, sample_id)` samples: an `ImageSet`, or a list of them."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Sample: ...
 
 
 class ViewKey(NamedTuple):
@@ -140,15 +202,17 @@ class TrainViews(Dataset[ViewSample]):
 
     def __init__(
         self,
-        images: ImageSet,
+        images: Samples,
         crop: CropSettings,
         *,
         seed: int,
         rank: int,
         independent: bool = False,
+        pixels: PixelAugment | None = None,
     ) -> None:
         self.images = images
         self.crop = crop
+        self.pixels = pixels or PixelAugment()
         self.seed = seed
         self.rank = rank
         self.independent = independent
@@ -158,14 +222,14 @@ class TrainViews(Dataset[ViewSample]):
 
     def __getitem__(self, key: ViewKey) -> ViewSample:
         image, label, sample_id = self.images[key.sample_id]
-        view = random_view(image, self.crop, self._generator(key, STUDENT_STREAM))
-        teacher_view = None
-        if self.independent:
-            teacher_view = random_view(image, self.crop, self._generator(key, TEACHER_STREAM))
+        view = self._view(image, key, STUDENT_STREAM)
+        teacher_view = self._view(image, key, TEACHER_STREAM) if self.independent else None
         return view, teacher_view, label, sample_id
 
-    def _generator(self, key: ViewKey, stream: int) -> np.random.Generator:
-        return sample_generator(self.seed, self.rank, key.step, key.position, stream)
+    def _view(self, image: torch.Tensor, key: ViewKey, stream: int) -> torch.Tensor:
+        rng = sample_generator(self.seed, self.rank, key.step, key.position, stream)
+        view = random_view(image, self.crop, rng)
+        return augment_pixels(view, self.pixels, rng) if self.pixels.active else view
 
 
 def collate_views(samples: Sequence[ViewSample]) -> ViewBatch:

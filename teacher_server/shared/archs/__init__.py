@@ -42,33 +42,52 @@ def list_archs() -> list[str]:
     ]
 
 
+class NoStochasticDepth(ValueError):
+    """A drop-path rate was asked of an architecture that has no stochastic depth."""
+
+
 def create_model(
-    arch: str, num_classes: int, image_size: tuple[int, int] | None = None
+    arch: str,
+    num_classes: int,
+    image_size: tuple[int, int] | None = None,
+    *,
+    drop_path: float = 0.0,
 ) -> torch.nn.Module:
     """A fresh model in eval mode (random weights; `file:` archives bring their own).
 
     `image_size` matters to vision transformers only (their position embeddings); CNNs take
-    any size. It defaults to 224 px.
+    any size. It defaults to 224 px. `drop_path` is the stochastic depth rate of the archs
+    that have it (the DeiT ViTs; torchvision's `stochastic_depth_prob` models).
     """
     prefix, _, name = arch.partition(":")
     size = image_size or (224, 224)
     if prefix == "kdserve":
         if name in DEIT_SIZES:
-            return deit(name, num_classes, size).eval()
+            return deit(name, num_classes, size, drop_path_rate=drop_path).eval()
         if name not in CIFAR_ARCHS:
             raise UnknownArch(_unknown(arch, [f"kdserve:{n}" for n in kdserve_names()]))
+        _no_drop_path(arch, drop_path)
         return CIFAR_ARCHS[name](num_classes).eval()
     if prefix == "torchvision":
         names = torchvision_names()
         if name not in names:
             raise UnknownArch(_unknown(arch, [f"torchvision:{n}" for n in names]))
         models = import_torchvision().models
-        extra = {"image_size": size[0]} if name.startswith("vit_") else {}
-        module: torch.nn.Module = models.get_model(
-            name, weights=None, num_classes=num_classes, **extra
-        )
+        extra: dict[str, object] = {"image_size": size[0]} if name.startswith("vit_") else {}
+        if drop_path:
+            extra["stochastic_depth_prob"] = drop_path
+        try:
+            module: torch.nn.Module = models.get_model(
+                name, weights=None, num_classes=num_classes, **extra
+            )
+        except TypeError as exc:
+            if "stochastic_depth_prob" not in str(exc):
+                raise
+            _no_drop_path(arch, drop_path)
+            raise
         return module.eval()
     if prefix == "file":
+        _no_drop_path(arch, drop_path)
         return load_archive(Path(name))
     raise UnknownArch(
         f"arch must be 'torchvision:NAME', 'kdserve:NAME' or 'file:PATH', got {arch!r}"
@@ -84,6 +103,14 @@ def load_archive(path: Path) -> torch.nn.Module:
         return exported
     scripted: torch.nn.Module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
     return scripted.eval()
+
+
+def _no_drop_path(arch: str, drop_path: float) -> None:
+    if drop_path:
+        raise NoStochasticDepth(
+            f"drop_path {drop_path}: {arch} has no stochastic depth (the kdserve:deit_* ViTs "
+            "and torchvision's convnext, efficientnet, swin and maxvit models do)"
+        )
 
 
 def _unknown(arch: str, known: list[str]) -> str:

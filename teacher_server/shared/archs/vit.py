@@ -18,6 +18,30 @@ SIZES: dict[str, tuple[int, int, int]] = {
 }
 
 
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth (Huang et al. 2016): drop a residual branch per sample, rescale the rest."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class DropPathBlock(nn.TransformerEncoderLayer):
+    """A pre-norm encoder block whose attention and MLP branches are dropped at `drop_path`
+    per sample in training (DeiT's stochastic depth); the same parameters as its base."""
+
+    drop_path_rate: float = 0.0
+
+    def _sa_block(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        branch: torch.Tensor = super()._sa_block(x, *args, **kwargs)  # type: ignore[arg-type]
+        return drop_path(branch, self.drop_path_rate, self.training)
+
+    def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
+        branch: torch.Tensor = super()._ff_block(x)
+        return drop_path(branch, self.drop_path_rate, self.training)
+
+
 class DistilledViT(nn.Module):
     """ViT with class and distillation tokens; patches of 16 px (4 px for images <= 64 px)."""
 
@@ -30,6 +54,7 @@ class DistilledViT(nn.Module):
         dim: int = 192,
         depth: int = 12,
         heads: int = 3,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         patch = patch_size or (4 if max(image_size) <= 64 else 16)
@@ -43,7 +68,7 @@ class DistilledViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, patches + 2, dim))
-        block = nn.TransformerEncoderLayer(
+        block = DropPathBlock(
             dim,
             heads,
             dim_feedforward=4 * dim,
@@ -53,6 +78,9 @@ class DistilledViT(nn.Module):
             norm_first=True,
         )
         self.blocks = nn.TransformerEncoder(block, depth, enable_nested_tensor=False)
+        # DeiT's rule: the rate grows linearly with depth, from 0 to drop_path_rate.
+        for index, layer in enumerate(self.blocks.layers):
+            layer.drop_path_rate = drop_path_rate * index / max(1, depth - 1)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         self.head_dist = nn.Linear(dim, num_classes)
@@ -84,7 +112,16 @@ class DistilledViT(nn.Module):
         return (cls_logits + dist_logits) / 2
 
 
-def deit(name: str, num_classes: int, image_size: tuple[int, int]) -> DistilledViT:
+def deit(
+    name: str, num_classes: int, image_size: tuple[int, int], drop_path_rate: float = 0.0
+) -> DistilledViT:
     """`deit_tiny`, `deit_small`, `deit_base` (the paper's) or `deit_nano` (ours, for CPUs)."""
     dim, depth, heads = SIZES[name]
-    return DistilledViT(num_classes, image_size=image_size, dim=dim, depth=depth, heads=heads)
+    return DistilledViT(
+        num_classes,
+        image_size=image_size,
+        dim=dim,
+        depth=depth,
+        heads=heads,
+        drop_path_rate=drop_path_rate,
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -64,6 +65,8 @@ class AugmentSettings:
     view_size: int
     crop_scale: tuple[float, float] = (0.35, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    crop: Literal["resized", "padded"] = "resized"
+    crop_padding: int = 4
     flip: bool = True
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
@@ -74,9 +77,16 @@ class AugmentSettings:
     erasing_prob: float = 0.0
 
     @property
-    def crop(self) -> CropSettings:
+    def crop_settings(self) -> CropSettings:
         """The per-sample crop and flip, cut in the data loader's workers."""
-        return CropSettings(self.view_size, self.crop_scale, self.crop_ratio, self.flip)
+        return CropSettings(
+            self.view_size,
+            self.crop_scale,
+            self.crop_ratio,
+            self.flip,
+            self.crop,
+            self.crop_padding,
+        )
 
     @property
     def pixels(self) -> PixelAugment:
@@ -133,7 +143,7 @@ class ConsistentViews:
                 (image, int(label), i)
                 for i, (image, label) in enumerate(zip(images, labels, strict=True))
             ],
-            self.settings.crop,
+            self.settings.crop_settings,
             seed=self.seed,
             rank=self.rank,
             pixels=self.settings.pixels,

@@ -57,12 +57,16 @@ class DataConfig(_Strict):
 class AugmentConfig(_Strict):
     """The student's augmentation, applied before the view goes to the teacher.
 
-    `crop_scale` is the crop's share of the original image's area, `crop_ratio` its aspect
-    range: (0.08, 1.0) with (3/4, 4/3) is the inception crop of timm, DeiT and FunMatch.
+    `crop: resized` cuts a RandomResizedCrop: `crop_scale` is its share of the original
+    image's area, `crop_ratio` its aspect range ((0.08, 1.0) with (3/4, 4/3) is the inception
+    crop of timm, DeiT and FunMatch); `crop: padded` is CIFAR's RandomCrop(32, padding=4)
+    (mdistiller's), with `crop_padding`.
     """
 
     crop_scale: tuple[float, float] = (0.35, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    crop: Literal["resized", "padded"] = "resized"
+    crop_padding: int = Field(4, ge=0)
     flip: bool = True
     mixup_alpha: float = Field(0.0, ge=0.0)
     cutmix_alpha: float = Field(0.0, ge=0.0)

@@ -227,7 +227,7 @@ class Trainer:
         workers = self.config.data.workers
         views = TrainViews(
             self.train_set,
-            self.augment.crop,
+            self.augment.crop_settings,
             seed=self.config.seed,
             rank=self.world.rank,
             independent=self.config.teaching.mode == "independent",

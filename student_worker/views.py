@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -35,12 +35,16 @@ TEACHER_STREAM = 2
 
 @dataclass(frozen=True)
 class CropSettings:
-    """Random resized crop (timm's RandomResizedCrop meanings) and flip of a training view."""
+    """The crop and flip of a training view: `resized`, timm's RandomResizedCrop (scale,
+    ratio); `padded`, CIFAR's RandomCrop(size, padding): the image padded with `padding` px
+    of zeros and a crop of its own size cut at random (then resized to the view)."""
 
     size: int
     scale: tuple[float, float] = (0.35, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
+    mode: Literal["resized", "padded"] = "resized"
+    padding: int = 4
 
 
 @dataclass(frozen=True)
@@ -104,10 +108,15 @@ def crop_box(
 
 
 def random_view(image: torch.Tensor, crop: CropSettings, rng: np.random.Generator) -> torch.Tensor:
-    """uint8 (3, H, W) at any size -> a random resized crop (3, size, size), maybe flipped."""
-    top, left, crop_h, crop_w = crop_box(
-        rng, image.shape[-2], image.shape[-1], crop.scale, crop.ratio
-    )
+    """uint8 (3, H, W) at any size -> a random crop (3, size, size), maybe flipped."""
+    height, width = image.shape[-2], image.shape[-1]
+    if crop.mode == "padded":
+        pad = crop.padding
+        image = torch.nn.functional.pad(image, (pad, pad, pad, pad))
+        top, left = int(rng.integers(0, 2 * pad + 1)), int(rng.integers(0, 2 * pad + 1))
+        crop_h, crop_w = height, width
+    else:
+        top, left, crop_h, crop_w = crop_box(rng, height, width, crop.scale, crop.ratio)
     view: torch.Tensor = tv_functional.resized_crop(
         image, top, left, crop_h, crop_w, [crop.size, crop.size], antialias=True
     )

@@ -128,7 +128,7 @@ def test_consistent_views_are_the_views_the_trainer_cuts() -> None:
     sampler = StepBatches()
     sampler.set(9, [list(range(6))])
     loader = DataLoader(
-        TrainViews(train_set, settings.crop, seed=3, rank=0),  # type: ignore[arg-type]
+        TrainViews(train_set, settings.crop_settings, seed=3, rank=0),  # type: ignore[arg-type]
         batch_sampler=sampler,
         collate_fn=collate_views,
     )
@@ -153,3 +153,19 @@ def test_an_image_set_keeps_any_size_and_cuts_square_views() -> None:
     views = [random_view(image_set[i][0], crop, sample_generator(0, 0, 0, i)) for i in range(2)]
     assert all(view.shape == (3, 16, 16) for view in views)
     assert math.isclose(float(views[0].float().mean()), 127.5, abs_tol=40)
+
+
+def test_a_padded_crop_is_cifars_random_crop_with_padding() -> None:
+    image = torch.full((3, 32, 32), 200, dtype=torch.uint8)
+    crop = CropSettings(32, mode="padded", padding=4, flip=False)
+    shifts = set()
+    for seed in range(40):
+        view = random_view(image, crop, np.random.default_rng(seed))
+        assert view.shape == (3, 32, 32)
+        rows = (view[0] == 0).all(1)
+        cols = (view[0] == 0).all(0)
+        # Zeros fill at most 4 px on each side; the rest is the image, unresized.
+        assert int(rows.sum()) <= 4 and int(cols.sum()) <= 4
+        assert set(view.unique().tolist()) <= {0, 200}
+        shifts.add((int(rows.sum()), int(cols.sum())))
+    assert len(shifts) > 5

@@ -58,9 +58,14 @@ class Objective:
         """The total loss and its parts (`ce`, `distill`) as numbers for the log.
 
         `class_logits` feed the cross-entropy and `distill_logits` the distillation term (the
-        same tensor for a one-head student; a DeiT student's two heads otherwise).
+        same tensor for a one-head student; a DeiT student's two heads otherwise). Without a
+        distillation term the cross-entropy trains the mean of the two heads, the output the
+        student is evaluated and served on (for one head, exactly its logits).
         """
-        ce = mixed_cross_entropy(class_logits.float(), targets, self.weights.label_smoothing)
+        ce_logits = (
+            class_logits if self.distill is not None else (class_logits + distill_logits) / 2
+        )
+        ce = mixed_cross_entropy(ce_logits.float(), targets, self.weights.label_smoothing)
         total = self.weights.ce_weight * ce
         parts = {"ce": float(ce.detach())}
         if self.distill is not None:

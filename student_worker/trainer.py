@@ -184,7 +184,6 @@ class Trainer:
             self.network = DistributedDataParallel(
                 self.heads,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=self.teacher is None and has_two_heads(self.model),
             )
         self.fixed_targets = self._fixed_targets() if config.teaching.mode == "fixed" else None
 

@@ -3,9 +3,11 @@
 1. train the teacher (or an ensemble of two) on every label once; weights cached as
    safetensors under RUN_DIR/teacher;
 2. start `kdserve-teacher` on loopback with it;
-3. run one `kdserve-student` per loss at the same time against that one endpoint (CE-only as
-   the baseline, KD, DKD, DIST, DeiT), with consistent views and mixup;
-4. print their table and the server's batching, write RUN_DIR/curves.png, stop everything.
+3. run one `kdserve-student` per loss at the same time against that one endpoint (KD, DKD,
+   DIST, DeiT, and a CE-only baseline for each architecture), with consistent views and
+   mixup; with `--teaching`, one KD student per teaching mode instead, without labels;
+4. print their table (each row's gain over its own arch's baseline) and the server's
+   batching, write RUN_DIR/curves.png, stop everything.
 
 `kdserve-demo teacher --run-dir DIR` does step 1 alone and leaves DIR/teacher/teacher.yaml,
 the teacher server's config (the compose file's init service runs it).
@@ -33,7 +35,7 @@ from tqdm import tqdm
 from student_worker import report
 from student_worker.demo import recipes
 from student_worker.demo.processes import ChildFailed, Children
-from student_worker.demo.recipes import Member
+from student_worker.demo.recipes import Member, StudentRun
 from student_worker.runlog import RunLog
 
 SERVER = "teacher server"
@@ -178,7 +180,7 @@ def start_server(children: Children, teacher_config: Path, run_dir: Path) -> dic
 def start_students(
     children: Children,
     run_dir: Path,
-    losses: Sequence[str],
+    runs: Sequence[StudentRun],
     teacher_url: str,
     teacher_model: str,
     args: argparse.Namespace,
@@ -186,22 +188,28 @@ def start_students(
     students_dir = run_dir / "students"
     shutil.rmtree(students_dir, ignore_errors=True)
     out = {}
-    for loss in losses:
+    for run in runs:
         config = recipes.student_run_config(
-            loss,
+            run,
             teacher_url=teacher_url,
             teacher_model=teacher_model,
             steps=args.steps,
             eval_every=args.eval_every or max(1, args.steps // 6),
-            labeled_fraction=1.0 if args.full_labels else args.labeled_fraction,
+            labeled_fraction=1.0 if args.full_labels or args.teaching else args.labeled_fraction,
             seed=args.seed,
         )
-        path = recipes.write_yaml(students_dir / f"{loss}.yaml", config)
-        out[loss] = students_dir / loss
+        path = recipes.write_yaml(students_dir / f"{run.name}.yaml", config)
+        out[run.name] = students_dir / run.name
         children.start(
-            loss,
-            [executable("kdserve-student"), "--config", str(path), "--output-dir", str(out[loss])],
-            run_dir / "logs" / f"student-{loss}.log",
+            run.name,
+            [
+                executable("kdserve-student"),
+                "--config",
+                str(path),
+                "--output-dir",
+                str(out[run.name]),
+            ],
+            run_dir / "logs" / f"student-{run.name}.log",
         )
     return out
 
@@ -216,7 +224,7 @@ def follow(children: Children, students: dict[str, Path], steps: int) -> None:
     interactive = sys.stdout.isatty()
     bars = (
         {
-            loss: tqdm(total=steps, desc=f"{loss:>4}", position=index, unit="step", leave=True)
+            loss: tqdm(total=steps, desc=f"{loss:>17}", position=index, unit="step", leave=True)
             for index, loss in enumerate(students)
         }
         if interactive
@@ -260,16 +268,29 @@ def server_stats(ports: dict[str, Any], members: tuple[Member, ...]) -> str:
     return "\n".join(lines)
 
 
-def title(args: argparse.Namespace, members: tuple[Member, ...], losses: Sequence[str]) -> str:
+def title(args: argparse.Namespace, members: tuple[Member, ...], runs: Sequence[StudentRun]) -> str:
     """The regime, seed and lengths of the run: the table's heading."""
-    labels = "every label" if args.full_labels else f"labels on {args.labeled_fraction:.0%}"
     teacher = " + ".join(m.arch for m in members)
     epochs = args.steps * recipes.BATCH_SIZE / recipes.DIGITS_TRAIN_IMAGES
+    names = ", ".join(run.name for run in runs)
+    if args.teaching:
+        low, high = (round(100 * share) for share in recipes.TEACHING_CROP_SCALE)
+        return (
+            f"kdserve demo, teaching modes (FunMatch): digits at {recipes.IMAGE_SIZE} px, KD "
+            f"students ({recipes.STUDENT_ARCH}, T 4) without labels, crops of {low}-{high}% of "
+            f"each image, taught by the served teacher ({teacher}, {args.teacher_epochs} epochs "
+            f"on every label, seed {args.seed}) on all {recipes.DIGITS_TRAIN_IMAGES} training "
+            f"images; {args.steps} steps of {recipes.BATCH_SIZE} per student ({names}), "
+            f"{epochs:.1f} epochs; {cores()} CPU cores, {platform.machine()}, "
+            f"torch {torch.__version__}"
+        )
+    labels = "every label" if args.full_labels else f"labels on {args.labeled_fraction:.0%}"
     return (
         f"kdserve demo: digits at {recipes.IMAGE_SIZE} px, students with {labels} of the "
         f"{recipes.DIGITS_TRAIN_IMAGES} training images (seed {args.seed}), the teacher "
         f"({teacher}, {args.teacher_epochs} epochs on every label) teaching on all of them; "
-        f"{args.steps} steps of {recipes.BATCH_SIZE} per student ({', '.join(losses)}), "
+        f"{args.steps} steps of {recipes.BATCH_SIZE} per student ({names}; ce-vit is CE on "
+        f"the ViT, {recipes.VIT_ARCH}), "
         f"{epochs:.1f} epochs of the training images; {cores()} CPU cores, "
         f"{platform.machine()}, torch {torch.__version__}"
     )
@@ -293,7 +314,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--labeled-fraction", type=float, default=0.1)
     p.add_argument("--full-labels", action="store_true", help="students keep every label")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--teaching",
+        action="store_true",
+        help="instead of one student per loss, one KD student per teaching mode (consistent, "
+        "function_matching, fixed, independent), without labels",
+    )
     return p
+
+
+def results_table(runs: Sequence[report.Run], baselines: dict[str, str]) -> str:
+    """The report's table, plus each row's accuracy gain over its own arch's CE baseline."""
+    rows = report.table_rows(runs)
+    if not baselines:
+        return report.format_table(rows)
+    accuracy = {run.name: report.last_eval(run).get("student_accuracy") for run in runs}
+    rows[0].append("vs CE, same arch (pts)")
+    for row, run in zip(rows[1:], runs, strict=True):
+        baseline = accuracy.get(baselines.get(run.name, ""))
+        mine = accuracy[run.name]
+        gain = None if baseline is None or mine is None else (mine - baseline) * 100
+        row.append(report.MISSING if gain is None else f"{gain:+.2f}")
+    return report.format_table(rows)
 
 
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
@@ -330,23 +372,24 @@ def main(argv: list[str] | None = None) -> int:
         if only_teacher:
             print(f"teacher: server config {teacher_config}")
             return 0
-        print(title(args, members, losses), flush=True)
+        runs = recipes.teaching_runs() if args.teaching else recipes.loss_runs(losses)
+        print(title(args, members, runs), flush=True)
         ports = start_server(children, teacher_config, run_dir)
         print(f"teacher server: ready at {ports['grpc_url']} and {ports['http_url']}", flush=True)
         students = start_students(
-            children, run_dir, losses, ports["grpc_url"], recipes.served_name(members), args
+            children, run_dir, runs, ports["grpc_url"], recipes.served_name(members), args
         )
-        print(f"students: {', '.join(losses)} started; logs in {run_dir / 'logs'}", flush=True)
+        print(f"students: {', '.join(students)} started; logs in {run_dir / 'logs'}", flush=True)
         follow(children, students, args.steps)
         stats = server_stats(ports, members)
         children.stop(SERVER)
-        runs = [report.load_run(path) for path in students.values()]
+        results = [report.load_run(path) for path in students.values()]
         print()
-        print(title(args, members, losses))
-        print(report.summary_table(runs))
+        print(title(args, members, runs))
+        print(results_table(results, recipes.baseline_of(runs)))
         print()
         print(stats)
-        print(f"curves: {report.plot_curves(runs, run_dir / 'curves.png')}")
+        print(f"curves: {report.plot_curves(results, run_dir / 'curves.png')}")
         return 0
     except (KeyboardInterrupt, Interrupted):
         print(

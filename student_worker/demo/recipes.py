@@ -96,8 +96,55 @@ def server_config(members: tuple[Member, ...]) -> dict[str, Any]:
     return config
 
 
+STUDENT_ARCH = "kdserve:resnet8"
+VIT_ARCH = "kdserve:deit_nano"
+TEACHING_MODES = ("consistent", "function_matching", "fixed", "independent")
+TEACHING_CROP_SCALE = [0.25, 1.0]
+"""The teaching demo's crops: small enough that what the teacher sees matters (FunMatch uses
+the inception crop, 8-100%; on 8x8 digits upsampled to 32 px, 25% still shows a stroke)."""
+
+
+@dataclass(frozen=True)
+class StudentRun:
+    """One demo student: its loss, architecture and teaching mode (and so its run name)."""
+
+    name: str
+    loss: str
+    arch: str
+    teaching: str = "consistent"
+    labels: bool = True
+
+
+def loss_runs(chosen_losses: list[str]) -> list[StudentRun]:
+    """One student per loss (`deit` on the ViT, the rest on resnet8) and, with `ce`, a CE
+    baseline for each architecture present, so every row has its own arch's baseline."""
+    runs = [
+        StudentRun(loss, loss, VIT_ARCH if loss == "deit" else STUDENT_ARCH)
+        for loss in chosen_losses
+    ]
+    if "ce" in chosen_losses and any(run.arch == VIT_ARCH for run in runs):
+        index = chosen_losses.index("ce") + 1
+        runs.insert(index, StudentRun("ce-vit", "ce", VIT_ARCH))
+    return runs
+
+
+def teaching_runs() -> list[StudentRun]:
+    """FunMatch's comparison: one KD student per teaching mode, without labels."""
+    return [
+        StudentRun(mode, "kd", STUDENT_ARCH, teaching=mode, labels=False) for mode in TEACHING_MODES
+    ]
+
+
+def baseline_of(runs: list[StudentRun]) -> dict[str, str]:
+    """Each distilling run's CE baseline of the same architecture, where the demo has one."""
+    baselines = {run.arch: run.name for run in runs if run.loss == "ce"}
+    return {
+        run.name: baselines[run.arch] for run in runs if run.loss != "ce" and run.arch in baselines
+    }
+
+
 def student_run_config(
-    loss: str,
+    run: StudentRun,
     *,
     teacher_url: str | None,
     teacher_model: str,
@@ -106,24 +153,28 @@ def student_run_config(
     labeled_fraction: float,
     seed: int,
 ) -> dict[str, Any]:
-    """One student: resnet8 (a DeiT-style ViT for `deit`), the same views, steps and seed."""
-    deit = loss == "deit"
+    """One student: the same views, steps and seed for all; a ViT gets DeiT's AdamW."""
+    vit = run.arch == VIT_ARCH
+    augment: dict[str, Any] = {**AUGMENT, "mixup_alpha": 0.2}
+    if run.teaching != "consistent" or not run.labels:
+        augment = {**AUGMENT, "crop_scale": TEACHING_CROP_SCALE}
     config: dict[str, Any] = {
         "data": {"name": "digits", "image_size": IMAGE_SIZE, "labeled_fraction": labeled_fraction},
-        "augment": {**AUGMENT, "mixup_alpha": 0.2},
-        "loss": {"name": loss},
+        "augment": augment,
+        "teaching": run.teaching,
+        "loss": {"name": run.loss},
         "optimizer": (
             {"name": "adamw", "lr": 5e-4, "weight_decay": 0.05}
-            if deit
+            if vit
             else {
                 "name": "sgd",
-                "lr": SGD_LR_BY_LOSS.get(loss, SGD_LR),
+                "lr": SGD_LR_BY_LOSS.get(run.loss, SGD_LR),
                 "momentum": 0.9,
                 "weight_decay": 5e-4,
             }
         ),
-        "schedule": {"name": "cosine", "warmup_epochs": 1.0 if deit else 0.0},
-        "student": {"arch": "kdserve:deit_nano" if deit else "kdserve:resnet8"},
+        "schedule": {"name": "cosine", "warmup_epochs": 1.0 if vit else 0.0},
+        "student": {"arch": run.arch},
         "max_steps": steps,
         "eval_every": eval_every,
         "batch_size": BATCH_SIZE,
@@ -131,10 +182,13 @@ def student_run_config(
         "threads": 1,
         "checkpoint_every": 100,
     }
-    if loss == "dkd":
+    if not run.labels:
+        # FunMatch distills without labels: the teacher's answers are the only target.
+        config["loss"].update(ce_weight=0.0, kd_weight=1.0)
+    if run.loss == "dkd":
         # mdistiller ramps DKD over 20 of 240 epochs; the demo is a dozen epochs long.
         config["loss"]["warmup_epochs"] = 1
-    if losses.get(loss).needs_teacher and teacher_url is not None:
+    if losses.get(run.loss).needs_teacher and teacher_url is not None:
         config["teacher"] = {"endpoints": [teacher_url], "model": teacher_model}
     return config
 

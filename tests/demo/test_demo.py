@@ -86,16 +86,23 @@ def test_the_demo_trains_serves_and_distills_every_loss(
     heading = lines[header - 1]
     assert heading.startswith("kdserve demo:") and "(seed 0)" in heading
     assert "labels on 10% of the 1437 training images" in heading
-    every_loss = ", ".join(losses.names())  # one student per registered loss
-    assert every_loss == "ce, deit, dist, dkd, kd"
-    assert f"6 steps of 64 per student ({every_loss}), 0.3 epochs" in heading
-    rows = {line.split()[0]: line.split() for line in lines[header + 2 : header + 7]}
-    assert set(rows) == {"ce", "kd", "dkd", "dist", "deit"}
+    assert ", ".join(losses.names()) == "ce, deit, dist, dkd, kd"  # one student per loss
+    students = "ce, ce-vit, deit, dist, dkd, kd"  # and a CE baseline per architecture
+    assert f"6 steps of 64 per student ({students}; ce-vit is CE on the ViT" in heading
+    assert "0.3 epochs" in heading
+    assert lines[header].split()[-4:] == ["CE,", "same", "arch", "(pts)"]
+    rows = {line.split()[0]: line.split() for line in lines[header + 2 : header + 8]}
+    assert set(rows) == {"ce", "ce-vit", "kd", "dkd", "dist", "deit"}
     for loss, cells in rows.items():
-        assert cells[-1] == "6", f"{loss} should have trained 6 steps: {cells}"
+        assert cells[-2] == "6", f"{loss} should have trained 6 steps: {cells}"
         student_accuracy = float(cells[1])
         assert 0.0 <= student_accuracy <= 100.0
     assert rows["ce"][2] == "-" and rows["kd"][2] != "-"  # teacher accuracy: distilled only
+    # Each distilled row's gain is over the CE student of its own architecture.
+    accuracy = {name: float(cells[1]) for name, cells in rows.items()}
+    assert float(rows["deit"][-1]) == pytest.approx(accuracy["deit"] - accuracy["ce-vit"], abs=0.02)
+    assert float(rows["kd"][-1]) == pytest.approx(accuracy["kd"] - accuracy["ce"], abs=0.02)
+    assert rows["ce"][-1] == rows["ce-vit"][-1] == "-"
     assert "mean batch" in out and "forward passes" in out
     assert (run_dir / "curves.png").read_bytes().startswith(b"\x89PNG")
     assert (run_dir / "teacher" / "resnet20.safetensors").is_file()
@@ -157,6 +164,37 @@ def test_ctrl_c_stops_every_process_and_frees_the_ports(
         steps = [record["step"] for record in log.records()]
         checkpoint = load_checkpoint(run_dir / "students" / loss)
         assert checkpoint["step"] == steps[-1], f"{loss}: SIGTERM checkpoints the last step"
+
+
+def test_the_teaching_demo_runs_the_four_modes_side_by_side(
+    demo_run: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    run_dir, first = demo_run
+    assert first.returncode == 0, first.stderr[-4000:]
+    result = subprocess.run(
+        [DEMO, "--run-dir", str(run_dir), *QUICK, "--teaching"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("run "))
+    heading = lines[header - 1]
+    assert heading.startswith("kdserve demo, teaching modes (FunMatch)")
+    assert "without labels, crops of 25-100% of each image" in heading
+    modes = ("consistent", "function_matching", "fixed", "independent")
+    rows = {line.split()[0]: line.split() for line in lines[header + 2 : header + 6]}
+    assert set(rows) == set(modes)
+    for cells in rows.values():
+        assert 0.0 <= float(cells[3]) <= 100.0  # agreement
+    for mode in modes:
+        config = (run_dir / "students" / f"{mode}.yaml").read_text()
+        assert f"teaching: {mode}" in config and "ce_weight: 0.0" in config
+    assert (run_dir / "students" / "fixed" / "fixed_teacher.safetensors").is_file()
+    assert not (run_dir / "students" / "consistent" / "fixed_teacher.safetensors").exists()
+    assert_all_stopped(run_dir)
 
 
 def test_the_title_counts_the_real_training_split() -> None:

@@ -193,3 +193,16 @@ def test_a_registered_objective_is_its_papers_kd() -> None:
     )
     torch.testing.assert_close(total, 0.1 * F.cross_entropy(student, labels) + 0.9 * 16 * kl)
     assert math.isfinite(total.item())
+
+
+def test_without_a_teacher_two_heads_learn_their_mean_and_one_head_its_logits() -> None:
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    targets = MixedLabels(labels, labels, 1.0)
+    ce_only = Objective(WEIGHTS)
+    class_head, distill_head = logits(7), logits(8)
+    total, parts = ce_only(class_head, distill_head, None, targets, epoch=0)
+    mean = (class_head + distill_head) / 2
+    torch.testing.assert_close(total, 0.3 * F.cross_entropy(mean, labels))
+    one_head, _ = ce_only(class_head, class_head, None, targets, epoch=0)
+    assert torch.equal(one_head, 0.3 * F.cross_entropy(class_head, labels))
+    assert set(parts) == {"ce"}

@@ -16,6 +16,7 @@ from student_worker.objective import ObjectiveWeights
 class DeiTParams(Hyperparameters):
     mode: Literal["soft", "hard"]
     tau: float = Field(1.0, gt=0.0)
+    reduction: Literal["per_element", "per_sample"] = "per_element"
 
 
 @register(
@@ -31,12 +32,15 @@ def deit_loss(
 ) -> Tensor:
     """Loss of the distillation head, whose output `student_logits` is; `labels` is unused.
 
-    soft: KL at tau summed, times tau^2, divided by N * C as DeiT's code does (`kd` / C).
+    soft: KL at tau summed, times tau^2, divided by N * C as DeiT's code does (`kd` / C);
+    reduction `per_sample` divides by N alone, the paper's equation (then equal to `kd`).
     hard: cross-entropy against the teacher's argmax; tau is unused. DeiT's alpha 0.5 means the
     objective weights this 0.5 and the class head's CE (label smoothing 0.1, true labels) 0.5.
     """
     student, teacher = checked_logits(student_logits, teacher_logits)
     if params.mode == "soft":
         tau = params.tau
-        return kd_per_sample(student, teacher, temperature=tau).sum() * tau**2 / student.numel()
+        summed = kd_per_sample(student, teacher, temperature=tau).sum() * tau**2
+        per_sample = params.reduction == "per_sample"
+        return summed / (student.shape[0] if per_sample else student.numel())
     return F.cross_entropy(student, teacher.argmax(dim=1))

@@ -179,6 +179,12 @@ def test_soft_deit_is_kd_divided_by_the_number_of_classes(tau: float) -> None:
         deit_loss(student, teacher, labels, params=DeiTParams(mode="soft", tau=tau)),
         kd_loss(student, teacher, labels, params=KDParams(temperature=tau)) / 7,
     )
+    # The paper's equation, per sample: exactly KD at the same temperature.
+    per_sample = DeiTParams(mode="soft", tau=tau, reduction="per_sample")
+    torch.testing.assert_close(
+        deit_loss(student, teacher, labels, params=per_sample),
+        kd_loss(student, teacher, labels, params=KDParams(temperature=tau)),
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)

@@ -23,7 +23,9 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from student_worker.config import RunConfig
 from student_worker.data import ImageSet, collate_uint8, image_digest
+from student_worker.teacher import Teacher
 from student_worker.views import EvalViews
 
 log = logging.getLogger(__name__)
@@ -171,4 +173,32 @@ def fixed_cache_key(
         fixed_view=fixed_view,
         crop_pct=fixed_view_crop_pct(fixed_view, crop_pct),
         teacher=teacher,
+    )
+
+
+def fixed_targets(
+    config: RunConfig,
+    train_set: ImageSet,
+    data_name: str,
+    view_size: int,
+    teacher: Teacher,
+    *,
+    show_progress: bool = True,
+) -> FixedTargets:
+    """A run's `fixed` answers, from its cache file, asking `teacher` for what it lacks."""
+    key = fixed_cache_key(
+        train_set,
+        data=data_name,
+        view_size=view_size,
+        fixed_view=config.teaching.fixed_view,
+        crop_pct=config.data.eval_crop_pct,
+        teacher=getattr(teacher, "model", type(teacher).__name__),
+    )
+    return FixedTargets.prepare(
+        config.fixed_cache_path,
+        key,
+        train_set,
+        lambda tag, views: teacher.logits(tag, views, None),
+        workers=config.data.workers,
+        show_progress=show_progress,
     )

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from student_worker import distributed
@@ -38,14 +37,19 @@ from student_worker.config import RunConfig
 from student_worker.data import build_datasets
 from student_worker.ema import WeightsAverage
 from student_worker.evaluation import Evaluator
+from student_worker.loading import (
+    NotEnoughImages,
+    epoch_sampler,
+    train_loader,
+    training_subset,
+)
 from student_worker.models import TwoHeads, has_two_heads, init_from_weights
 from student_worker.optim import build_optimizer, lr_factor
 from student_worker.prefetch import Prefetcher
 from student_worker.runlog import RunLog
-from student_worker.sampling import RepeatedAugmentSampler
 from student_worker.teacher import NoTeacher, Teacher, TeacherRequests, connect_teacher
-from student_worker.teaching import FixedCacheMismatch, FixedTargets, fixed_cache_key
-from student_worker.views import StepBatches, TrainViews, ViewBatch, collate_views
+from student_worker.teaching import FixedCacheMismatch, FixedTargets, fixed_targets
+from student_worker.views import StepBatches
 from teacher_server.shared.archs import NoStochasticDepth, create_model
 from teacher_server.shared.contract import Mix
 
@@ -148,9 +152,15 @@ class Trainer:
             view_size = max(size, *teacher_size)
         self.view_size = view_size
         self.augment = config.augment_settings(view_size)
-        self.sampler = self._sampler()
+        self.train_subset = training_subset(self.train_set, config.loss.needs_teacher)
+        try:
+            self.sampler = epoch_sampler(config, len(self.train_subset), self.world)
+        except NotEnoughImages as exc:
+            raise TrainingError(str(exc)) from None
         self.step_batches = StepBatches()
-        self.loader = self._loader()
+        self.loader = train_loader(
+            config, self.train_set, self.augment, self.step_batches, self.world.rank, self.device
+        )
         self.steps_per_epoch = len(self.sampler) // config.batch_size
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.optimizer = build_optimizer(config.optimizer, self.model.parameters())
@@ -187,96 +197,28 @@ class Trainer:
             )
         self.fixed_targets = self._fixed_targets() if config.teaching.mode == "fixed" else None
 
-    def _sampler(self) -> DistributedSampler[int] | RepeatedAugmentSampler:
-        """This rank's share of each epoch, shuffled by (seed, epoch) alone, so a resumed run
-        sees the same order (`data.repeated_augment` > 1: DeiT's repeated augmentation); a
-        student without a teacher sees the labeled samples alone."""
-        everything = range(len(self.train_set))
-        labeled = self.train_set.labeled_indices().tolist()
-        self.train_subset = Subset(
-            self.train_set, everything if self.config.loss.needs_teacher else labeled
-        )
-        sampler: DistributedSampler[int] | RepeatedAugmentSampler
-        if self.config.data.repeated_augment > 1:
-            sampler = RepeatedAugmentSampler(
-                len(self.train_subset),
-                repeats=self.config.data.repeated_augment,
-                num_replicas=self.world.size,
-                rank=self.world.rank,
-                seed=self.config.seed,
-            )
-        else:
-            sampler = DistributedSampler(
-                self.train_subset,
-                num_replicas=self.world.size,
-                rank=self.world.rank,
-                shuffle=True,
-                seed=self.config.seed,
-                drop_last=True,
-            )
-        if len(sampler) < self.config.batch_size:
-            raise TrainingError(
-                f"batch_size {self.config.batch_size} is larger than the {len(sampler)} "
-                f"training images of each of the {self.world.size} rank(s)"
-            )
-        return sampler
-
-    def _loader(self) -> DataLoader[ViewBatch]:
-        """The run's one loader: workers (persistent) cut each step's views from the originals."""
-        workers = self.config.data.workers
-        views = TrainViews(
-            self.train_set,
-            self.augment.crop_settings,
-            seed=self.config.seed,
-            rank=self.world.rank,
-            independent=self.config.teaching.mode == "independent",
-            pixels=self.augment.pixels,
-        )
-        return DataLoader(
-            views,  # type: ignore[arg-type]
-            batch_sampler=self.step_batches,
-            collate_fn=collate_views,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=self.device.type == "cuda",
-            # Its own generator for the loader's base seed, so the global RNG (saved in
-            # checkpoints) is not drawn from at each epoch's start.
-            generator=torch.Generator().manual_seed(self.config.seed),
-        )
-
     def _fixed_targets(self) -> FixedTargets:
         """`fixed` teaching's answers: rank 0 fills the cache (asking the teacher once per
         image), the other ranks then read it (or fill their own, off a shared disk)."""
-        teacher = self.teacher
-        if teacher is None:
+        if self.teacher is None:
             raise TrainingError("teaching 'fixed' needs a teacher")
-        data = self.config.data
-        key = fixed_cache_key(
-            self.train_set,
-            data=self.info.name,
-            view_size=self.view_size,
-            fixed_view=self.config.teaching.fixed_view,
-            crop_pct=data.eval_crop_pct,
-            teacher=getattr(teacher, "model", type(teacher).__name__),
-        )
-        path = self.config.fixed_cache_path
-
-        def prepare() -> FixedTargets:
-            try:
-                return FixedTargets.prepare(
-                    path,
-                    key,
-                    self.train_set,
-                    lambda tag, views: teacher.logits(tag, views, None),
-                    workers=data.workers,
-                    show_progress=self.world.is_main,
+        try:
+            targets = None
+            if self.world.is_main:
+                targets = fixed_targets(
+                    self.config, self.train_set, self.info.name, self.view_size, self.teacher
                 )
-            except FixedCacheMismatch as exc:
-                raise TrainingError(str(exc)) from None
-
-        targets = prepare() if self.world.is_main else None
-        distributed.barrier(self.world)
-        return targets or prepare()
+            distributed.barrier(self.world)
+            return targets or fixed_targets(
+                self.config,
+                self.train_set,
+                self.info.name,
+                self.view_size,
+                self.teacher,
+                show_progress=False,
+            )
+        except FixedCacheMismatch as exc:
+            raise TrainingError(str(exc)) from None
 
     # ---- the loop -----------------------------------------------------------------------
 

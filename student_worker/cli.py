@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import get_args
@@ -131,5 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TrainingError, CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"kdserve-student: {exc}", file=sys.stderr)
         return 2
+    if trainer.stopped_early:
+        print(
+            f"kdserve-student: stopped by SIGTERM at step {trainer.step} of "
+            f"{trainer.total_steps}; checkpoint written, --auto-resume continues it",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGTERM
     print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return 0

@@ -88,14 +88,28 @@ def format_value(value: float | None, *, percent: bool = False, digits: int = 2)
 
 def summary_table(runs: Sequence[Run]) -> str:
     """A fixed-width table, one row per run, from each run's last eval record."""
-    last_evals = [run.eval_records[-1] if run.eval_records else {} for run in runs]
-    columns = BASE_COLUMNS + tuple(
+    return format_table(table_rows(runs))
+
+
+def table_columns(runs: Sequence[Run]) -> tuple[Column, ...]:
+    """The base columns, and each optional one that some run's last evaluation logged."""
+    last_evals = [last_eval(run) for run in runs]
+    return BASE_COLUMNS + tuple(
         column for column in OPTIONAL_COLUMNS if any(column.key in record for record in last_evals)
     )
-    header = ["run", *(column.header for column in columns), "images/s", "steps"]
-    rows = [header]
-    for run, record in zip(runs, last_evals, strict=True):
-        steps = last_step(run)
+
+
+def last_eval(run: Run) -> Record:
+    """The run's last eval record (empty if it logged none)."""
+    return run.eval_records[-1] if run.eval_records else {}
+
+
+def table_rows(runs: Sequence[Run]) -> list[list[str]]:
+    """The table's header and one row of printed cells per run."""
+    columns = table_columns(runs)
+    rows = [["run", *(column.header for column in columns), "images/s", "steps"]]
+    for run in runs:
+        record, steps = last_eval(run), last_step(run)
         rows.append(
             [
                 run.name,
@@ -107,7 +121,12 @@ def summary_table(runs: Sequence[Run]) -> str:
                 MISSING if steps is None else str(steps),
             ]
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return rows
+
+
+def format_table(rows: Sequence[Sequence[str]]) -> str:
+    """Rows of cells (the first one the header) in aligned columns, a rule under the header."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [format_row(row, widths) for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)

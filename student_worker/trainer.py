@@ -444,6 +444,11 @@ class Trainer:
             self.run_log.forget_after(self.step)
         log.info("resumed %s at step %d", self.out, self.step)
 
+    @property
+    def stopped_early(self) -> bool:
+        """The run stopped (SIGTERM) before its last step, after a checkpoint."""
+        return self._stop_requested and self.step < self.total_steps
+
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         log.warning("SIGTERM: finishing this step, writing a checkpoint and stopping")
         self._stop_requested = True

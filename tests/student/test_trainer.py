@@ -358,3 +358,34 @@ def test_a_loss_is_one_registration_and_trains_by_name(
     assert step["distill"] > 0 and step["loss"] == pytest.approx(
         0.5 * step["ce"] + 1.0 * step["distill"], rel=1e-5
     )
+
+
+def test_a_student_stopped_by_sigterm_says_so_and_exits_143(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    """A stopped run is not a finished one: 128 + SIGTERM, so a sweep or a Job resumes it."""
+    out = tmp_path / "run"
+    student = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("kdserve-student")),
+            *student_command(server.endpoints.grpc_url, out, "--max-steps", "100000"),
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        log = RunLog(out)
+        deadline = time.monotonic() + 120
+        while not (log.exists() and log.records("train")):
+            assert student.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        student.send_signal(signal.SIGTERM)
+        _, stderr = student.communicate(timeout=60)
+    finally:
+        if student.poll() is None:
+            student.kill()
+    assert student.returncode == 143, stderr[-2000:]
+    assert "stopped by SIGTERM at step" in stderr and "--auto-resume" in stderr
+    assert load_checkpoint(out)["step"] == RunLog(out).records("train")[-1]["step"]

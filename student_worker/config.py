@@ -42,8 +42,18 @@ class DataConfig(_Strict):
     unlabeled_root: Path | None = None
     eval_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     crop_pct: float | None = Field(None, gt=0.0, le=1.0)
-    workers: int = Field(0, ge=0)
+    workers: int | None = Field(None, ge=0)
     repeated_augment: int = Field(1, ge=1)
+
+    @property
+    def loader_workers(self) -> int:
+        """DataLoader worker processes: as set, else for files (an ImageFolder, or unlabeled
+        images) up to 4 that leave this process a core, and 0 for sets held in memory."""
+        if self.workers is not None:
+            return self.workers
+        if self.name != "imagefolder" and self.unlabeled_root is None:
+            return 0
+        return max(1, min(4, available_cores() - 1))
 
     @property
     def eval_crop_pct(self) -> float:
@@ -313,6 +323,11 @@ class RunConfig(_Strict):
     def fixed_cache_path(self) -> Path:
         """Where `fixed` teaching keeps the teacher's answers."""
         return self.teaching.cache or self.output_dir / FIXED_CACHE
+
+
+def available_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def load_run_config(

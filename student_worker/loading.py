@@ -68,7 +68,7 @@ def train_loader(
 ) -> DataLoader[ViewBatch]:
     """The run's one loader: its workers (persistent) cut each step's views from the
     originals, in the order `batches` holds (set by the trainer before each epoch)."""
-    workers = config.data.workers
+    workers = config.data.loader_workers
     views = TrainViews(
         train_set,
         augment.crop_settings,

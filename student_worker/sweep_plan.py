@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from student_worker.config import RunConfig, load_run_config
+from student_worker.config import RunConfig, available_cores, load_run_config
 from teacher_server.shared.settings import ConfigError, format_validation_error, read_yaml_mapping
 
 UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
@@ -100,8 +99,7 @@ class Sweep:
         """The run's torch threads: as it sets them, else its share of this machine's cores."""
         if run.config.threads is not None:
             return run.config.threads
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return max(1, (cores or 1) // self.parallel)
+        return max(1, available_cores() // self.parallel)
 
 
 def format_override(value: Any) -> str:

@@ -199,6 +199,6 @@ def fixed_targets(
         key,
         train_set,
         lambda tag, views: teacher.logits(tag, views, None),
-        workers=config.data.workers,
+        workers=config.data.loader_workers,
         show_progress=show_progress,
     )

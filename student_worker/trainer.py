@@ -180,7 +180,7 @@ class Trainer:
             two_heads=has_two_heads(self.model),
             view_size=view_size,
             crop_pct=config.data.eval_crop_pct,
-            workers=config.data.workers,
+            workers=config.data.loader_workers,
         )
         self.step = 0
         if self.world.is_main:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
 import signal
@@ -33,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from student_worker import report
+from student_worker.config import available_cores
 from student_worker.demo import recipes
 from student_worker.demo.processes import ChildFailed, Children
 from student_worker.demo.recipes import Member, StudentRun
@@ -55,10 +55,6 @@ def executable(name: str) -> str:
     return found
 
 
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 # ---- step 1: the teacher ----------------------------------------------------------------
 
 
@@ -70,7 +66,7 @@ def ensure_teacher(
     Returns the teacher server's config, whose weights paths are relative to it; with several
     members, `member-NAME.yaml` beside it serves each member alone.
     """
-    threads = max(1, cores() // len(members))
+    threads = max(1, available_cores() // len(members))
     runs = {
         m.name: recipes.teacher_run_config(m, epochs=epochs, seed=seed, threads=threads)
         for m in members
@@ -281,7 +277,7 @@ def title(args: argparse.Namespace, members: tuple[Member, ...], runs: Sequence[
             f"each image, taught by the served teacher ({teacher}, {args.teacher_epochs} epochs "
             f"on every label, seed {args.seed}) on all {recipes.DIGITS_TRAIN_IMAGES} training "
             f"images; {args.steps} steps of {recipes.BATCH_SIZE} per student ({names}), "
-            f"{epochs:.1f} epochs; {cores()} CPU cores, {platform.machine()}, "
+            f"{epochs:.1f} epochs; {available_cores()} CPU cores, {platform.machine()}, "
             f"torch {torch.__version__}"
         )
     labels = "every label" if args.full_labels else f"labels on {args.labeled_fraction:.0%}"
@@ -291,7 +287,7 @@ def title(args: argparse.Namespace, members: tuple[Member, ...], runs: Sequence[
         f"({teacher}, {args.teacher_epochs} epochs on every label) teaching on all of them; "
         f"{args.steps} steps of {recipes.BATCH_SIZE} per student ({names}; ce-vit is CE on "
         f"the ViT, {recipes.VIT_ARCH}), "
-        f"{epochs:.1f} epochs of the training images; {cores()} CPU cores, "
+        f"{epochs:.1f} epochs of the training images; {available_cores()} CPU cores, "
         f"{platform.machine()}, torch {torch.__version__}"
     )
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from student_worker.config import load_run_config
+from student_worker.config import available_cores, load_run_config
 from student_worker.runlog import RunLog
 from student_worker.trainer import Trainer
 
@@ -54,6 +54,9 @@ def test_workers_change_nothing_and_eval_views_are_centre_crops(tmp_path: Path) 
         )
         trainer = Trainer(config)
         assert config.data.eval_crop_pct == 0.875
+        unset = load_run_config(None, {"data.name": "imagefolder", "loss.name": "ce"})
+        assert unset.data.loader_workers == max(1, min(4, available_cores() - 1))
+        assert load_run_config(None, {"loss.name": "ce"}).data.loader_workers == 0
         metrics = trainer.fit()
         assert metrics["samples"] == 12
         records = RunLog(out).records("train")

@@ -13,7 +13,7 @@ LOCK_DATE ?= $(shell date -u +%Y-%m-%dT00:00:00Z)
 UV_COMPILE = $(VENV)/bin/uv pip compile pyproject.toml --extra dev --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 --exclude-newer $(LOCK_DATE) --quiet
 
-.PHONY: setup demo test lint protos lock bench-teacher bench-student clean
+.PHONY: setup demo test lint protos lock bench-teacher bench-student bench-data clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,9 @@ bench-teacher: setup
 
 bench-student: setup
 	MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 $(PY) bench/student_throughput.py
+
+bench-data: setup
+	MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 $(PY) bench/data_throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -7,12 +7,13 @@ On the held-out split, and on a fixed training probe (its first TRAIN_PROBE imag
 separates optimisation from generalisation (Stanton et al. 2021): low agreement there means
 the student does not even match the teacher on what it trained on. The teacher's answers are
 fetched once per batch of each split (the views never change) and kept. A DeiT-style student
-also reports each head's accuracy.
+also reports each head's accuracy. With an EMA of the weights, both students see each batch of
+views as it is cut: the splits are decoded once per evaluation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -52,20 +53,30 @@ class Evaluator:
         self.workers = workers
         self._teacher_logits: dict[str, list[torch.Tensor]] = {}
 
-    def evaluate(self, heads: StudentHeads) -> dict[str, float]:
-        """Accuracy, NLL and ECE; with a teacher also agreement, KL and the probe's fidelity."""
-        meter, head_accuracies = self._measure("eval", heads)
-        metrics = meter.compute()
-        if self.teacher is None:
-            metrics = {key: metrics[key] for key in ("student_accuracy", "nll", "ece", "samples")}
-        else:
-            probe = self._measure("train", heads)[0].compute()
-            metrics["train_agreement"] = probe["agreement"]
-            metrics["train_kl"] = probe["kl"]
-        metrics.update(head_accuracies)
+    def evaluate(self, students: Mapping[str, StudentHeads]) -> dict[str, float]:
+        """Accuracy, NLL and ECE; with a teacher also agreement, KL and the probe's fidelity.
+
+        `students` maps a metric prefix to a student ("" for the trained weights, "ema_" for
+        their average): each split's views are cut once and shown to all of them.
+        """
+        measured = self._measure("eval", students)
+        probes = self._measure("train", students) if self.teacher is not None else {}
+        metrics: dict[str, float] = {}
+        for prefix, (meter, head_accuracies) in measured.items():
+            own = meter.compute()
+            if self.teacher is None:
+                own = {key: own[key] for key in ("student_accuracy", "nll", "ece", "samples")}
+            else:
+                probe = probes[prefix][0].compute()
+                own["train_agreement"] = probe["agreement"]
+                own["train_kl"] = probe["kl"]
+            own.update(head_accuracies)
+            metrics.update({f"{prefix}{key}": value for key, value in own.items()})
         return metrics
 
-    def _measure(self, split: str, heads: StudentHeads) -> tuple[FidelityMeter, dict[str, float]]:
+    def _measure(
+        self, split: str, students: Mapping[str, StudentHeads]
+    ) -> dict[str, tuple[FidelityMeter, dict[str, float]]]:
         batches = DataLoader(
             self.splits[split],
             batch_size=BATCH,
@@ -73,25 +84,49 @@ class Evaluator:
             num_workers=self.workers,
         )
         known = self._teacher_logits.setdefault(split, [])
-        meter = FidelityMeter()
-        correct = {"class_head_accuracy": 0, "distillation_head_accuracy": 0}
-        labeled_count = 0
+        tallies = {prefix: _Tally() for prefix in students}
         for index, (images, labels, _) in enumerate(batches):
-            class_logits, distill_logits = (h.float().cpu() for h in heads(images))
-            logits = (class_logits + distill_logits) / 2
-            if self.teacher is None:
-                teacher = logits
-            else:
+            teacher: torch.Tensor | None = None
+            if self.teacher is not None:
                 if index == len(known):
                     known.append(self.teacher.logits(f"eval-{split}-{index}", images, None))
                 teacher = known[index]
-            meter.update(logits, teacher, labels)
-            labeled = labels >= 0
-            labeled_count += int(labeled.sum())
-            correct["class_head_accuracy"] += int((class_logits.argmax(1) == labels)[labeled].sum())
-            correct["distillation_head_accuracy"] += int(
-                (distill_logits.argmax(1) == labels)[labeled].sum()
-            )
-        if not (self.two_heads and labeled_count):
-            return meter, {}
-        return meter, {key: count / labeled_count for key, count in correct.items()}
+            for prefix, heads in students.items():
+                class_logits, distill_logits = (h.float().cpu() for h in heads(images))
+                tallies[prefix].update(class_logits, distill_logits, teacher, labels)
+        return {
+            prefix: (tally.meter, tally.head_accuracies() if self.two_heads else {})
+            for prefix, tally in tallies.items()
+        }
+
+
+class _Tally:
+    """One student's running measures over a split."""
+
+    def __init__(self) -> None:
+        self.meter = FidelityMeter()
+        self.correct = {"class_head_accuracy": 0, "distillation_head_accuracy": 0}
+        self.labeled = 0
+
+    def update(
+        self,
+        class_logits: torch.Tensor,
+        distill_logits: torch.Tensor,
+        teacher: torch.Tensor | None,
+        labels: torch.Tensor,
+    ) -> None:
+        logits = (class_logits + distill_logits) / 2
+        self.meter.update(logits, logits if teacher is None else teacher, labels)
+        labeled = labels >= 0
+        self.labeled += int(labeled.sum())
+        self.correct["class_head_accuracy"] += int(
+            (class_logits.argmax(1) == labels)[labeled].sum()
+        )
+        self.correct["distillation_head_accuracy"] += int(
+            (distill_logits.argmax(1) == labels)[labeled].sum()
+        )
+
+    def head_accuracies(self) -> dict[str, float]:
+        if not self.labeled:
+            return {}
+        return {key: count / self.labeled for key, count in self.correct.items()}

@@ -36,7 +36,7 @@ from student_worker.checkpoint import (
 from student_worker.config import RunConfig
 from student_worker.data import build_datasets
 from student_worker.ema import WeightsAverage
-from student_worker.evaluation import Evaluator
+from student_worker.evaluation import Evaluator, StudentHeads
 from student_worker.loading import (
     NotEnoughImages,
     epoch_sampler,
@@ -396,15 +396,13 @@ class Trainer:
         metrics: dict[str, float] = {}
         if self.world.is_main:
             self.heads.eval()
-            metrics = self.evaluator.evaluate(
-                lambda images: self._student_logits(self.heads, images, None)
-            )
+            students: dict[str, StudentHeads] = {
+                "": lambda images: self._student_logits(self.heads, images, None)
+            }
             if self.ema is not None:
                 average = TwoHeads(self.ema.module)
-                measured = self.evaluator.evaluate(
-                    lambda images: self._student_logits(average, images, None)
-                )
-                metrics.update({f"ema_{key}": value for key, value in measured.items()})
+                students["ema_"] = lambda images: self._student_logits(average, images, None)
+            metrics = self.evaluator.evaluate(students)
             self.run_log.append({"kind": "eval", "step": self.step, "epoch": epoch, **metrics})
             log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             self.heads.train()

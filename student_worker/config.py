@@ -162,19 +162,27 @@ class LossConfig(_Strict):
 
 
 class OptimizerConfig(_Strict):
-    """SGD, Adam (L2 weight decay, as torch's) or AdamW (decoupled); `lr` is the base rate."""
+    """SGD, Adam (L2 weight decay, as torch's), AdamW (decoupled) or RMSprop in TensorFlow's
+    form (`rmsprop_tf`: eps inside the square root, as timm's RMSpropTF); `lr` is the base
+    rate. `exclude_from_decay`: biases, norm weights and the tokens and position embeddings a
+    model names get no weight decay (timm's rule, which DeiT and DIST's code use)."""
 
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    name: Literal["sgd", "adam", "adamw", "rmsprop_tf"] = "sgd"
     lr: float = Field(0.05, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
+    alpha: float = Field(0.9, gt=0.0, lt=1.0)
+    eps: float = Field(1e-3, gt=0.0)
+    exclude_from_decay: bool = False
 
     @model_validator(mode="after")
     def _betas(self) -> OptimizerConfig:
         if not all(0.0 <= beta < 1.0 for beta in self.betas):
             raise ValueError(f"optimizer.betas must be in [0, 1), got {list(self.betas)}")
+        if self.nesterov and self.name != "sgd":
+            raise ValueError(f"optimizer.nesterov applies to sgd only, not {self.name!r}")
         return self
 
 
@@ -184,7 +192,7 @@ class ScheduleConfig(_Strict):
     name: Literal["cosine", "multistep", "step"] = "cosine"
     warmup_epochs: float = Field(0.0, ge=0.0)
     milestones: list[int] = []
-    step_epochs: int | None = Field(None, ge=1)
+    step_epochs: float | None = Field(None, gt=0.0)
     gamma: float = Field(0.1, gt=0.0)
     min_lr: float = Field(0.0, ge=0.0)
 

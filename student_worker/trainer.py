@@ -163,7 +163,7 @@ class Trainer:
         )
         self.steps_per_epoch = len(self.sampler) // config.batch_size
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
-        self.optimizer = build_optimizer(config.optimizer, self.model.parameters())
+        self.optimizer = build_optimizer(config.optimizer, self.model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda step: lr_factor(

@@ -28,14 +28,78 @@ from teacher_server.shared.settings import ConfigError
 
 
 def test_adam_and_adamw_take_their_betas_and_decay() -> None:
-    parameters = [torch.nn.Parameter(torch.zeros(3))]
+    model = torch.nn.Linear(3, 2)
     adam = build_optimizer(
-        OptimizerConfig(name="adam", lr=1e-3, betas=(0.8, 0.99), weight_decay=0.0), parameters
+        OptimizerConfig(name="adam", lr=1e-3, betas=(0.8, 0.99), weight_decay=0.0), model
     )
     assert type(adam) is torch.optim.Adam
     assert adam.param_groups[0]["betas"] == (0.8, 0.99) and adam.param_groups[0]["lr"] == 1e-3
-    adamw = build_optimizer(OptimizerConfig(name="adamw", weight_decay=0.05), parameters)
+    adamw = build_optimizer(OptimizerConfig(name="adamw", weight_decay=0.05), model)
     assert type(adamw) is torch.optim.AdamW and adamw.param_groups[0]["weight_decay"] == 0.05
+
+
+def test_rmsprop_tf_follows_tensorflows_formula_by_hand() -> None:
+    """v = alpha v + (1 - alpha) g^2 from v = 1; b = m b + lr g / sqrt(v + eps); w -= b;
+    g carries L2 decay. Two steps on w = [1, -2], worked out by hand."""
+    weight = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    settings = OptimizerConfig(
+        name="rmsprop_tf", lr=0.1, alpha=0.5, eps=0.25, momentum=0.5, weight_decay=0.5
+    )
+    model = torch.nn.Module()
+    model.weight = weight
+    optimizer = build_optimizer(settings, model)
+
+    # Loss sum(w^2) / 2 + w . [1, 1]: gradient w + 1, plus 0.5 w of decay: 1.5 w + 1.
+    def step() -> None:
+        optimizer.zero_grad()
+        (weight.pow(2).sum() / 2 + weight.sum()).backward()
+        optimizer.step()
+
+    # Step 1: g = [2.5, -2], v = 0.5 + 0.5 g^2 = [3.625, 2.5], b = 0.1 g / sqrt(v + 0.25).
+    step()
+    first = [1 - 0.25 / math.sqrt(3.875), -2 + 0.2 / math.sqrt(2.75)]
+    assert weight.tolist() == pytest.approx(first, rel=1e-12)
+    assert first == pytest.approx([0.872999, -1.879395], abs=1e-6)
+    # Step 2 from there: the buffer keeps half of step 1's b.
+    g = [1.5 * w + 1 for w in first]
+    v = [0.5 * 3.625 + 0.5 * g[0] ** 2, 0.5 * 2.5 + 0.5 * g[1] ** 2]
+    b1 = [1 - first[0], -2 - first[1]]
+    b2 = [0.5 * b1[i] + 0.1 * g[i] / math.sqrt(v[i] + 0.25) for i in range(2)]
+    step()
+    assert weight.tolist() == pytest.approx([first[i] - b2[i] for i in range(2)], rel=1e-12)
+    expected_w = weight.tolist()
+    # Torch's RMSprop (v from 0, eps outside the root, lr outside the buffer) lands elsewhere.
+    torch_weight = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    torch_rmsprop = torch.optim.RMSprop(
+        [torch_weight], lr=0.1, alpha=0.5, eps=0.25, momentum=0.5, weight_decay=0.5
+    )
+    for _ in range(2):
+        torch_rmsprop.zero_grad()
+        (torch_weight.pow(2).sum() / 2 + torch_weight.sum()).backward()
+        torch_rmsprop.step()
+    assert torch_weight.tolist() != pytest.approx(expected_w, rel=1e-3)
+
+
+def test_exclude_from_decay_spares_biases_norms_and_a_vits_tokens() -> None:
+    vit = create_model("kdserve:deit_nano", 10, (32, 32))
+    settings = OptimizerConfig(name="adamw", weight_decay=0.05, exclude_from_decay=True)
+    decayed, spared = build_optimizer(settings, vit).param_groups
+    assert decayed["weight_decay"] == 0.05 and spared["weight_decay"] == 0.0
+    names = {id(p): name for name, p in vit.named_parameters()}
+    spared_names = {names[id(p)] for p in spared["params"]}
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    assert {"cls_token", "dist_token", "pos_embed", "head.bias", "norm.weight"} <= spared_names
+    assert {"patch_embed.weight", "head.weight", "head_dist.weight"} <= decayed_names
+    assert all(vit.get_parameter(name).ndim >= 2 for name in decayed_names)
+    assert len(spared_names) + len(decayed_names) == len(names)
+    resnet = create_model("kdserve:resnet8", 10, (32, 32))
+    (plain,) = build_optimizer(OptimizerConfig(weight_decay=5e-4), resnet).param_groups
+    assert len(plain["params"]) == len(list(resnet.parameters()))
+    decayed, spared = build_optimizer(
+        OptimizerConfig(weight_decay=5e-4, exclude_from_decay=True), resnet
+    ).param_groups
+    assert all(p.ndim == 4 or p.ndim == 2 for p in decayed["params"])
+    assert spared["params"] and all(p.ndim == 1 for p in spared["params"])
 
 
 def test_schedules_warm_up_per_step_then_decay() -> None:
@@ -50,6 +114,11 @@ def test_schedules_warm_up_per_step_then_decay() -> None:
     assert lr_factor(cosine, math.ceil(halfway), 10, 100, 1e-3) == pytest.approx(0.55, abs=0.02)
     step = ScheduleConfig(name="step", step_epochs=3, gamma=0.5)
     assert [lr_factor(step, e * 10, 10, 100) for e in range(7)] == [1, 1, 1, 0.5, 0.5, 0.5, 0.25]
+    # x0.5 every 2.4 epochs of 10 steps: at steps 24, 48, 72, not a step early or late.
+    fractional = ScheduleConfig(name="step", step_epochs=2.4, gamma=0.5)
+    factors = [lr_factor(fractional, s, 10, 100) for s in range(80)]
+    assert [s for s in range(1, 80) if factors[s] != factors[s - 1]] == [24, 48, 72]
+    assert factors[23] == 1 and factors[24] == 0.5 and factors[79] == 0.125
     multistep = ScheduleConfig(name="multistep", milestones=[2, 4], gamma=0.1)
     assert [lr_factor(multistep, e * 10, 10, 100) for e in range(5)] == pytest.approx(
         [1, 1, 0.1, 0.1, 0.01]
@@ -64,6 +133,9 @@ def test_schedules_warm_up_per_step_then_decay() -> None:
         ({"schedule.min_lr": 1.0}, "schedule.min_lr 1.0 is above optimizer.lr"),
         ({"optimizer.betas": [0.9, 1.0]}, r"optimizer.betas must be in \[0, 1\)"),
         ({"optimizer.name": "lamb"}, "optimizer.name"),
+        ({"optimizer.name": "adamw", "optimizer.nesterov": True}, "applies to sgd only"),
+        ({"optimizer.eps": 0}, "optimizer.eps"),
+        ({"schedule.name": "step", "schedule.step_epochs": 0}, "schedule.step_epochs"),
         ({"student.init_interpolation": 0.5}, "needs student.init_weights"),
         (
             {"student.init_interpolation": 1.5, "student.init_weights": "w.safetensors"},

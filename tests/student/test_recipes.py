@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from student_worker.config import RunConfig, load_run_config
-from student_worker.optim import lr_factor
+from student_worker.optim import RMSpropTF, lr_factor
 from student_worker.runlog import RunLog
 from student_worker.sampling import RepeatedAugmentSampler
 from student_worker.trainer import Trainer
@@ -43,6 +43,7 @@ MDISTILLER_CIFAR100 = {
     "optimizer.momentum": 0.9,
     "optimizer.nesterov": False,
     "optimizer.weight_decay": 5e-4,
+    "optimizer.exclude_from_decay": False,  # mdistiller decays every parameter
     "schedule.name": "multistep",
     "schedule.milestones": [150, 180, 210],
     "schedule.gamma": 0.1,
@@ -85,6 +86,7 @@ DEIT_HARD = {
     "optimizer.name": "adamw",
     "optimizer.lr": 5e-4 * 1024 / 512,
     "optimizer.weight_decay": 0.05,
+    "optimizer.exclude_from_decay": True,
     "optimizer.betas": [0.9, 0.999],
     "schedule.name": "cosine",
     "schedule.warmup_epochs": 5.0,
@@ -155,6 +157,7 @@ PAPERS: dict[str, dict[str, Any]] = {
         "optimizer.momentum": 0.9,
         "optimizer.nesterov": True,
         "optimizer.weight_decay": 1e-4,
+        "optimizer.exclude_from_decay": True,
         "schedule.name": "step",
         "schedule.step_epochs": 30,
         "schedule.gamma": 0.1,
@@ -171,15 +174,18 @@ PAPERS: dict[str, dict[str, Any]] = {
         **DIST_IMAGENET,
         "epochs": 450,
         "batch_size": 768,
-        # A stand-in for RMSpropTF lr 0.048 (no such optimizer): B1's SGD, lr x 768 / 256.
-        "optimizer.name": "sgd",
-        "optimizer.lr": 0.1 * 768 / 256,
-        "optimizer.nesterov": True,
-        "optimizer.weight_decay": 1e-4,
+        "optimizer.name": "rmsprop_tf",
+        "optimizer.lr": 0.048,
+        "optimizer.alpha": 0.9,
+        "optimizer.eps": 1e-3,
+        "optimizer.momentum": 0.9,
+        "optimizer.nesterov": False,
+        "optimizer.weight_decay": 1e-5,
+        "optimizer.exclude_from_decay": True,
         "schedule.name": "step",
         "schedule.warmup_epochs": 3.0,
-        "schedule.step_epochs": 1,
-        "schedule.gamma": 0.97 ** (1 / 2.4),  # x0.97 every 2.4 epochs
+        "schedule.step_epochs": 2.4,
+        "schedule.gamma": 0.97,
         "objective.label_smoothing": 0.1,
         "augment.randaugment_layers": 2,
         "augment.randaugment_magnitude": 27,
@@ -223,6 +229,7 @@ PAPERS: dict[str, dict[str, Any]] = {
         "optimizer.lr": 0.03,
         "optimizer.betas": [0.9, 0.999],
         "optimizer.weight_decay": 3e-4 / 0.03,  # big_vision's decay is not multiplied by lr
+        "optimizer.exclude_from_decay": True,  # kernels only
         "schedule.name": "cosine",
         "schedule.warmup_epochs": pytest.approx(5000 / (1_281_167 // 4096), abs=0.1),
         "schedule.min_lr": 0.0,
@@ -360,8 +367,16 @@ def test_a_recipe_trains_two_steps_with_all_its_fields(
         assert trainer.augment.mix_prob == 1.0 and trainer.augment.mixup_alpha > 0
     assert isinstance(trainer.sampler, RepeatedAugmentSampler) == (recipe.data.repeated_augment > 1)
     assert (trainer.ema is not None) == (recipe.ema.decay is not None)
-    optimizer = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    optimizer = {
+        "sgd": torch.optim.SGD,
+        "adam": torch.optim.Adam,
+        "adamw": torch.optim.AdamW,
+        "rmsprop_tf": RMSpropTF,
+    }
     assert type(trainer.optimizer) is optimizer[recipe.optimizer.name]
+    groups = trainer.optimizer.param_groups
+    assert len(groups) == (2 if recipe.optimizer.exclude_from_decay else 1)
+    assert groups[0]["weight_decay"] == recipe.optimizer.weight_decay
     trainer.fit()
     steps = RunLog(config.output_dir).records("train")
     assert len(steps) == 2 and all(math.isfinite(step["loss"]) for step in steps)

@@ -92,6 +92,10 @@ class DistilledViT(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
+    def no_weight_decay(self) -> set[str]:
+        """The parameters DeiT keeps from weight decay besides biases and norms."""
+        return {"cls_token", "dist_token", "pos_embed"}
+
     def forward_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(class-head logits, distillation-head logits)."""
         if tuple(x.shape[-2:]) != self.image_size:

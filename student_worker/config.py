@@ -68,8 +68,9 @@ class AugmentConfig(_Strict):
     """The student's augmentation, applied before the view goes to the teacher.
 
     `crop: resized` cuts a RandomResizedCrop: `crop_scale` is its share of the original
-    image's area, `crop_ratio` its aspect range ((0.08, 1.0) with (3/4, 4/3) is the inception
-    crop of timm, DeiT and FunMatch); `crop: padded` is CIFAR's RandomCrop(32, padding=4)
+    image's area, `crop_ratio` its aspect range ((0.08, 1.0) with (3/4, 4/3) is the
+    RandomResizedCrop of torchvision, timm, DeiT and DIST; big_vision's inception crop for
+    FunMatch takes (0.05, 1.0)); `crop: padded` is CIFAR's RandomCrop(32, padding=4)
     (mdistiller's), with `crop_padding`.
     """
 
@@ -313,6 +314,12 @@ class RunConfig(_Strict):
                 "teaching 'fixed' keeps one answer per image, so the student's views cannot be "
                 f"mixed: set augment.mixup_alpha and augment.cutmix_alpha to 0 (got "
                 f"{self.augment.mixup_alpha} and {self.augment.cutmix_alpha})"
+            )
+        if mode == "function_matching" and self.augment.cutmix_alpha > 0:
+            raise ValueError(
+                "teaching 'function_matching' mixes every batch with mixup, as FunMatch: set "
+                f"augment.cutmix_alpha to 0 (got {self.augment.cutmix_alpha}), or use "
+                "'consistent' teaching with mixup and cutmix"
             )
         if mode != "fixed" and self.teaching.cache is not None:
             raise ValueError(f"teaching.cache is for teaching 'fixed', not {mode!r}")

@@ -3,9 +3,10 @@
 Each image is seen as its evaluation view (`views.eval_view`: short side resized, centre
 crop) at the view size both models share, streamed a batch at a time.
 
-On the held-out split, and on a fixed training probe (its first TRAIN_PROBE images), which
-separates optimisation from generalisation (Stanton et al. 2021): low agreement there means
-the student does not even match the teacher on what it trained on. The teacher's answers are
+On the held-out split, and on a fixed training probe (TRAIN_PROBE images spread evenly over
+the training set, `probe_ids`), which separates optimisation from generalisation (Stanton et
+al. 2021): low agreement there means the student does not even match the teacher on what it
+trained on. The teacher's answers are
 fetched once per batch of each split (the views never change) and kept. A DeiT-style student
 also reports each head's accuracy. With an EMA of the weights, both students see each batch of
 views as it is cut: the splits are decoded once per evaluation.
@@ -29,6 +30,14 @@ StudentHeads = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """uint8 images -> the student's (class head, distillation head) logits."""
 
 
+def probe_ids(count: int) -> list[int]:
+    """The training probe: TRAIN_PROBE sample ids spread evenly over the training set (an
+    ImageFolder lists its images class by class, so its first ones are all of one class)."""
+    if count <= TRAIN_PROBE:
+        return list(range(count))
+    return [index * count // TRAIN_PROBE for index in range(TRAIN_PROBE)]
+
+
 class Evaluator:
     """Measures a student on the held-out split and the training probe."""
 
@@ -43,7 +52,7 @@ class Evaluator:
         crop_pct: float = 1.0,
         workers: int = 0,
     ) -> None:
-        probe = Subset(train_set, range(min(TRAIN_PROBE, len(train_set))))
+        probe = Subset(train_set, probe_ids(len(train_set)))
         self.splits: dict[str, Dataset[Sample]] = {
             "eval": EvalViews(eval_set, view_size, crop_pct),
             "train": EvalViews(probe, view_size, crop_pct),
@@ -82,6 +91,7 @@ class Evaluator:
             batch_size=BATCH,
             collate_fn=collate_uint8,
             num_workers=self.workers,
+            generator=torch.Generator(),  # leaves the global RNG (the run's) alone
         )
         known = self._teacher_logits.setdefault(split, [])
         tallies = {prefix: _Tally() for prefix in students}

@@ -12,7 +12,27 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from student_worker.config import StudentConfig
+from teacher_server.shared.archs import NoStochasticDepth, create_model
 from teacher_server.shared.weights import load_weights
+
+CHECK_SIZE = 224
+"""The resolution a student is built at to check it (any size its arch takes)."""
+
+
+def check_student(student: StudentConfig, image_size: int | None) -> None:
+    """What the trainer would find wrong with `student` only when building it, found before
+    (a sweep checks every run's before it starts one): `init_weights` missing, `drop_path`
+    on an arch without stochastic depth (built on the meta device: no memory, no time)."""
+    if student.init_weights is not None and not student.init_weights.is_file():
+        raise ValueError(f"student.init_weights {str(student.init_weights)!r}: no such file")
+    if student.drop_path:
+        size = image_size or CHECK_SIZE
+        with torch.device("meta"):
+            try:
+                create_model(student.arch, 10, (size, size), drop_path=student.drop_path)
+            except NoStochasticDepth as exc:
+                raise ValueError(f"student.drop_path: {exc}") from None
 
 
 def has_two_heads(model: nn.Module) -> bool:

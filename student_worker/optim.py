@@ -48,7 +48,7 @@ def build_optimizer(settings: OptimizerConfig, model: torch.nn.Module) -> torch.
 
 def decay_exempt(model: torch.nn.Module) -> set[str]:
     """The parameters timm's rule keeps from weight decay: those of one dimension or none
-    (biases, norm weights and biases) and those the model names in `no_weight_decay()`
+    (biases, the weights of norms) and those the model names in `no_weight_decay()`
     (a ViT's class and distillation tokens and position embedding)."""
     named = getattr(model, "no_weight_decay", None)
     listed = set(named()) if callable(named) else set()

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from student_worker.config import RunConfig, available_cores, load_run_config
+from student_worker.models import check_student
 from teacher_server.shared.settings import ConfigError, format_validation_error, read_yaml_mapping
 
 UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
@@ -175,7 +176,8 @@ def load_sweep(
             resolved["teacher.endpoints"] = [sweep.teacher]
         try:
             config = load_run_config(base, resolved)
-        except ConfigError as exc:
+            check_student(config.student, config.data.image_size)
+        except (ConfigError, ValueError) as exc:
             raise ConfigError(f"sweep {path}, run {name}: {exc}") from None
         runs.append(PlannedRun(name, overrides, config))
     return Sweep(path, sweep.output_dir, sweep.parallel, runs)

@@ -4,8 +4,9 @@
 a crop of its own (`views.TrainViews`); each costs one teacher forward per image per step.
 `fixed` asks the teacher once per image, about one fixed view, and keeps the answers here: a
 file of logits by sample id, with what they were computed for (data, view, teacher) in its
-metadata, checked before it is used, and filled in chunks so an interrupted run keeps what it
-already asked.
+metadata, checked before it is used (and against the teacher's fresh answers on a few
+images, so a teacher retrained under the same name is caught), and filled in chunks so an
+interrupted run keeps what it already asked.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ log = logging.getLogger(__name__)
 
 FIXED_BATCH = 256
 SAVE_EVERY_S = 30.0
+CHECK_IMAGES = 8
+CHECK_TOLERANCE = 0.01
+"""A reused cache is checked against the teacher's fresh answers on CHECK_IMAGES images:
+they may differ by CHECK_TOLERANCE x (1 + the largest kept logit) (float16 serving or another
+device), not more."""
 AskTeacher = Callable[[str, torch.Tensor], torch.Tensor]
 """(request tag, uint8 views) -> the teacher's raw logits for them."""
 
@@ -92,6 +98,8 @@ class FixedTargets:
                 torch.zeros((key.images, key.num_classes), dtype=torch.float32),
                 torch.zeros(key.images, dtype=torch.bool),
             )
+        else:
+            targets._check_teacher(path, key, images, ask)
         missing = torch.nonzero(~targets.done).flatten().tolist()
         if not missing:
             return targets
@@ -100,7 +108,11 @@ class FixedTargets:
         )
         views = EvalViews(Subset(images, missing), key.view_size, key.crop_pct)
         loader = DataLoader(
-            views, batch_size=FIXED_BATCH, collate_fn=collate_uint8, num_workers=workers
+            views,
+            batch_size=FIXED_BATCH,
+            collate_fn=collate_uint8,
+            num_workers=workers,
+            generator=torch.Generator(),  # the global RNG is the run's, saved in checkpoints
         )
         saved = time.monotonic()
         with tqdm(
@@ -118,6 +130,28 @@ class FixedTargets:
                     saved = time.monotonic()
         targets.save(path, key)
         return targets
+
+    def _check_teacher(
+        self, path: Path, key: FixedCacheKey, images: ImageSet, ask: AskTeacher
+    ) -> None:
+        """Ask the teacher again about a few kept images: a teacher retrained or reloaded
+        under the same name answers otherwise, and its old answers must not be reused."""
+        kept = torch.nonzero(self.done).flatten()[:CHECK_IMAGES].tolist()
+        if not kept:
+            return
+        views = EvalViews(Subset(images, kept), key.view_size, key.crop_pct)
+        pixels = torch.stack([views[index][0] for index in range(len(kept))])
+        fresh = ask("fixed-check", pixels).float().cpu()
+        stored = self.logits[kept]
+        difference = float((fresh - stored).abs().max())
+        tolerance = CHECK_TOLERANCE * (1.0 + float(stored.abs().max()))
+        if difference > tolerance:
+            raise FixedCacheMismatch(
+                f"teaching.cache {path} holds other answers than teacher {key.teacher!r} gives "
+                f"now (logits differ by up to {difference:.3g} on {len(kept)} images, more "
+                f"than {tolerance:.3g}): the teacher changed; delete the cache or point "
+                "teaching.cache elsewhere"
+            )
 
     @classmethod
     def _load(cls, path: Path, key: FixedCacheKey) -> FixedTargets:

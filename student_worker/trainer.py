@@ -49,7 +49,7 @@ from student_worker.prefetch import Prefetcher
 from student_worker.runlog import RunLog
 from student_worker.teacher import NoTeacher, Teacher, TeacherRequests, connect_teacher
 from student_worker.teaching import FixedCacheMismatch, FixedTargets, fixed_targets
-from student_worker.views import StepBatches
+from student_worker.views import StepBatches, model_noise_seed
 from teacher_server.shared.archs import NoStochasticDepth, create_model
 from teacher_server.shared.contract import Mix
 
@@ -358,6 +358,7 @@ class Trainer:
         self, item: Step, teacher_logits: torch.Tensor | None
     ) -> tuple[float, dict[str, float]]:
         batch = item.batch
+        torch.manual_seed(model_noise_seed(self.config.seed, self.world.rank, self.step))
         class_logits, distill_logits = self._student_logits(self.network, batch.view, batch.mix)
         if teacher_logits is not None:
             teacher_logits = teacher_logits.to(self.device, non_blocking=True)

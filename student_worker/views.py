@@ -70,6 +70,13 @@ def step_seed(seed: int, rank: int, step: int) -> tuple[int, int, int, int]:
     return (seed, rank, step, 0)
 
 
+def model_noise_seed(seed: int, rank: int, step: int) -> int:
+    """The seed torch's global RNG is set to before a step's forward: its drop-path and
+    dropout masks depend on (seed, rank, step) alone, like the views (so a resumed run draws
+    what the whole run drew, whatever ran in between, and each rank draws its own)."""
+    return int(np.random.SeedSequence((seed, rank, step, 1)).generate_state(1, np.uint64)[0])
+
+
 def sample_generator(
     seed: int, rank: int, step: int, position: int, stream: int = STUDENT_STREAM
 ) -> np.random.Generator:

@@ -143,6 +143,8 @@ def test_ctrl_c_stops_every_process_and_frees_the_ports(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell's background job (`make test &`) ignores SIGINT, and children inherit it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert demo.stdout is not None
     before_students = []

@@ -105,6 +105,15 @@ def test_the_run_config_round_trips_without_the_token(tmp_path: Path) -> None:
             {"runs": [{"loss.name": "kd"}, {"optimizer.lr": -1}]},
             "run optimizer.lr=-1: invalid configuration",
         ),
+        (  # found by building the student on the meta device, not by its run failing
+            {"runs": [{"loss.name": "kd"}, {"student.drop_path": 0.1}]},
+            "run student.drop_path=0.1: student.drop_path: drop_path 0.1: kdserve:resnet8 has no "
+            "stochastic depth",
+        ),
+        (
+            {"runs": [{"student.init_weights": "missing.safetensors"}]},
+            "student.init_weights 'missing.safetensors': no such file",
+        ),
     ],
 )
 def test_a_bad_sweep_is_a_clear_error_before_anything_starts(

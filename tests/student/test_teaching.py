@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,9 @@ import torch
 from student_worker.augment import student_input
 from student_worker.config import load_run_config
 from student_worker.data import build_datasets
+from student_worker.teaching import CHECK_IMAGES
 from student_worker.trainer import Step, Trainer, TrainingError
-from student_worker.views import eval_view
+from student_worker.views import TrainViews, ViewKey, eval_view
 from teacher_server.server.serve import ServerThread
 from teacher_server.shared.contract import Mix
 from teacher_server.shared.settings import ConfigError
@@ -33,6 +35,8 @@ class RecordingTeacher:
         self.mean, self.std = torch.tensor(teacher["mean"]), torch.tensor(teacher["std"])
         self.asked: list[tuple[str, torch.Tensor, Mix | None]] = []
         self.round_trip_s = 0.0
+        self.trainer: Trainer | None = None
+        self.student_inputs: list[torch.Tensor] = []
 
     @torch.no_grad()
     def logits(self, tag: str, view: torch.Tensor, mix: Mix | None) -> torch.Tensor:
@@ -65,8 +69,49 @@ def teaching_run(
         return train_step(self, item, logits)
 
     monkeypatch.setattr(Trainer, "_train_step", recording_step)
-    Trainer(config, teacher=teacher).fit()
+    trainer = Trainer(config, teacher=teacher)
+    teacher.trainer = trainer
+
+    def keep_training_input(module: torch.nn.Module, inputs: tuple[torch.Tensor]) -> None:
+        if module.training:
+            teacher.student_inputs.append(inputs[0].detach().clone())
+
+    trainer.model.register_forward_pre_hook(keep_training_input)
+    trainer.fit()
     return teacher, trained
+
+
+def assert_the_teacher_saw_the_students_own_pixels(
+    teacher: RecordingTeacher, trained: list[tuple[Step, torch.Tensor | None]]
+) -> None:
+    """Each step's teacher view is the crop of (seed, rank, step, position) cut afresh from
+    the original images, and the student trained on exactly that view, mixed the same way."""
+    trainer = teacher.trainer
+    assert trainer is not None
+    views = TrainViews(
+        trainer.train_set,
+        trainer.augment.crop_settings,
+        seed=trainer.config.seed,
+        rank=0,
+        pixels=trainer.augment.pixels,
+    )
+    student = trainer.config.student
+    mean, std = torch.tensor(student.mean), torch.tensor(student.std)
+    asked = step_requests(teacher)
+    assert len(asked) == len(trained) == len(teacher.student_inputs) == 4
+    for (tag, view, mix), (step, _), trained_on in zip(
+        asked, trained, teacher.student_inputs, strict=True
+    ):
+        assert tag == f"step-{step.index}"
+        cut = torch.stack(
+            [
+                views[ViewKey(step.index, position, int(sample_id))][0]
+                for position, sample_id in enumerate(step.sample_ids)
+            ]
+        )
+        assert torch.equal(view, cut), f"{tag}: not the crop keyed by (seed, rank, step)"
+        size = tuple(trained_on.shape[-2:])
+        assert torch.equal(trained_on, student_input(view, mix, size, mean, std)), tag
 
 
 def step_requests(teacher: RecordingTeacher) -> list[tuple[str, torch.Tensor, Mix | None]]:
@@ -79,11 +124,8 @@ def test_consistent_shows_the_teacher_the_students_view(
     teacher, trained = teaching_run(
         teachers, tmp_path, monkeypatch, **{"augment.mixup_alpha": 0.5, "augment.mix_prob": 0.5}
     )
-    asked = step_requests(teacher)
-    assert [tag for tag, _, _ in asked] == [f"step-{i}" for i in range(4)]
-    for (_, view, mix), (step, _) in zip(asked, trained, strict=True):
-        assert torch.equal(view, step.batch.view) and mix == step.batch.mix
-    assert {step.batch.mix is None for step, _ in trained} == {True, False}
+    assert_the_teacher_saw_the_students_own_pixels(teacher, trained)
+    assert {mix is None for _, _, mix in step_requests(teacher)} == {True, False}
 
 
 def test_function_matching_mixes_every_batch(
@@ -92,11 +134,9 @@ def test_function_matching_mixes_every_batch(
     teacher, trained = teaching_run(
         teachers, tmp_path, monkeypatch, **{"teaching.mode": "function_matching"}
     )
-    asked = step_requests(teacher)
-    assert len(asked) == len(trained) == 4
+    assert_the_teacher_saw_the_students_own_pixels(teacher, trained)
     lams = set()
-    for (_, view, mix), (step, _) in zip(asked, trained, strict=True):
-        assert torch.equal(view, step.batch.view) and mix == step.batch.mix
+    for _, _, mix in step_requests(teacher):
         assert mix is not None and mix.mode == "mixup"
         lams.add(mix.lam)
     assert len(lams) == 4, "lam ~ Beta(1, 1), drawn per step"
@@ -145,7 +185,24 @@ def test_fixed_asks_the_teacher_once_per_image_and_keeps_the_answers(
     again, _ = teaching_run(
         teachers, tmp_path / "second", monkeypatch, **fixed, **{"teaching.cache": str(cache)}
     )
-    assert not [tag for tag, _, _ in again.asked if tag.startswith(("fixed-", "step-"))]
+    rechecked = [(tag, len(view)) for tag, view, _ in again.asked if tag.startswith("fixed-")]
+    assert rechecked == [("fixed-check", CHECK_IMAGES)], "a few kept answers asked again"
+    assert not step_requests(again)
+
+    # The same name, other weights (a retrained teacher): its kept answers are refused.
+    retrained = copy.deepcopy(teachers["small"]["module"])
+    with torch.no_grad():
+        next(
+            module for module in retrained.modules() if isinstance(module, torch.nn.Linear)
+        ).bias.add_(1.0)
+    with pytest.raises(TrainingError, match="the teacher changed"):
+        teaching_run(
+            {"small": {**teachers["small"], "module": retrained}},
+            tmp_path / "retrained",
+            monkeypatch,
+            **fixed,
+            **{"teaching.cache": str(cache)},
+        )
 
     mismatch = "computed for fixed_view 'center_crop', but this run has fixed_view 'resize'"
     with pytest.raises(TrainingError, match=mismatch):
@@ -198,6 +255,10 @@ def test_fixed_with_a_served_teacher_computes_each_image_once(
         ({"teaching.mode": "fixed", "augment.mixup_alpha": 0.2}, "augment.mixup_alpha"),
         ({"teaching.cache": "x.safetensors"}, "teaching.cache is for teaching 'fixed'"),
         ({"teaching.mode": "funmatch"}, "teaching.mode"),
+        (
+            {"teaching.mode": "function_matching", "augment.cutmix_alpha": 1.0},
+            "set augment.cutmix_alpha to 0",
+        ),
         ({"teaching.mode": "fixed", "loss.name": "ce"}, "needs a distillation loss"),
         ({"data.crop_pct": 1.5}, "data.crop_pct"),
     ],
@@ -213,9 +274,11 @@ def test_teaching_is_a_name_or_a_mapping(tmp_path: Path) -> None:
     config_file = tmp_path / "student.yaml"
     config_file.write_text(f"teaching: fixed\nteacher:\n  endpoints: [{UNUSED_ENDPOINT}]\n")
     assert load_run_config(config_file).teaching.mode == "fixed"
-    overridden = load_run_config(config_file, {"teaching.mode": "independent"})
+    overridden = load_run_config(
+        config_file, {"teaching.mode": "independent", "augment.mix_prob": 0.5}
+    )
     assert overridden.teaching.mode == "independent"
-    assert overridden.augment_settings(32).mix_prob == 1.0
+    assert overridden.augment_settings(32).mix_prob == 0.5, "only function_matching forces it"
     matching = load_run_config(config_file, {"teaching.mode": "function_matching"})
     settings = matching.augment_settings(32)
     assert (settings.mixup_alpha, settings.mix_prob) == (1.0, 1.0)

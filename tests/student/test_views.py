@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from student_worker.views import (
     collate_views,
     crop_box,
     eval_view,
+    model_noise_seed,
     random_view,
     sample_generator,
 )
@@ -147,12 +147,18 @@ def test_a_corrupt_image_file_is_named(tmp_path: Path) -> None:
 
 
 def test_an_image_set_keeps_any_size_and_cuts_square_views() -> None:
-    pixels = torch.stack([checkerboard(48, 48), checkerboard(48, 48, square=4)])
-    image_set = ImageSet(pixels, torch.tensor([0, 1]), class_names=["x", "y"], image_size=16)
-    crop = CropSettings(16)
-    views = [random_view(image_set[i][0], crop, sample_generator(0, 0, 0, i)) for i in range(2)]
-    assert all(view.shape == (3, 16, 16) for view in views)
-    assert math.isclose(float(views[0].float().mean()), 127.5, abs_tol=40)
+    originals = [checkerboard(48, 48), checkerboard(40, 64, square=4)]
+    image_set = ImageSet(originals, torch.tensor([0, 1]), class_names=["x", "y"], image_size=16)
+    for index, original in enumerate(originals):
+        kept, label, sample_id = image_set[index]
+        assert torch.equal(kept, original), "stored as given: not squashed to image_size"
+        assert (label, sample_id) == (index, index)
+    crop = CropSettings(16, scale=(1.0, 1.0), ratio=(1.6, 1.6), flip=False)
+    # The whole 40 x 64 image, resized once to 16 x 16: its 4 px squares become 1.6 x 1 px.
+    view = random_view(originals[1], crop, sample_generator(0, 0, 0, 1))
+    assert view.shape == (3, 16, 16)
+    expected = tv_functional.resize(originals[1], [16, 16], antialias=True)
+    assert torch.equal(view, expected)
 
 
 def test_a_padded_crop_is_cifars_random_crop_with_padding() -> None:
@@ -169,3 +175,16 @@ def test_a_padded_crop_is_cifars_random_crop_with_padding() -> None:
         assert set(view.unique().tolist()) <= {0, 200}
         shifts.add((int(rows.sum()), int(cols.sum())))
     assert len(shifts) > 5
+
+
+def test_drop_path_noise_is_seeded_per_rank_and_step() -> None:
+    """DeiT seeds each rank apart (seed + rank): the ranks of one DDP run must not draw the
+    same drop-path masks, and a step's masks must not depend on what ran before it."""
+    seeds = {model_noise_seed(0, rank, step) for rank in range(4) for step in range(50)}
+    assert len(seeds) == 200
+    assert model_noise_seed(0, 1, 7) == model_noise_seed(0, 1, 7) != model_noise_seed(1, 1, 7)
+    masks = []
+    for rank in (0, 1):
+        torch.manual_seed(model_noise_seed(0, rank, 3))
+        masks.append(torch.rand(1000) < 0.1)
+    assert not torch.equal(masks[0], masks[1])

@@ -4,14 +4,19 @@ Prints, for a compute-bound teacher (seeded torchvision resnet18 at 32 px, 32-im
 requests) and a wire-bound one (pool + linear on 224 px views, 16-image requests):
 served images/s with 1, 4 and 8 concurrent client processes over our HTTP and gRPC and over
 the Open Inference Protocol (tritonclient's HTTP with binary tensors, and its gRPC: the
-`v2-http` and `v2-grpc` rows), as a ratio of the in-process forward of the same model and
-batch size; per-request latency p50/p99; a lone client's p50 against an unbatched server;
-bytes on the wire per image.
+`v2-http` and `v2-grpc` rows), each against three in-process forwards of the same model
+measured in the same run: at the request's batch size (`x req`: what a student with the
+teacher inside pays), at the server's largest pass, max_batch_size (`x limit`: the model's
+limit on this machine, which merged passes can approach but not pass), and at the request's
+size with torchvision's preprocessing (`x tv`: KD scripts today); per-request latency p50
+(also over the in-process batch's p50) and p99; the server's and the clients' CPU per
+request; each target met or missed; a lone client's p50 against an unbatched server; bytes
+on the wire per image.
 
 Run (the README records the results):
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 \
         .venv/bin/python bench/teacher_throughput.py [--cases wire-bound] [--clients 8] \
-        [--wires http grpc v2-http v2-grpc]
+        [--wires http grpc v2-http v2-grpc] [--layouts one split] [--max-batch-size 256]
 """
 
 from __future__ import annotations
@@ -98,12 +103,25 @@ def build_cases(workdir: Path) -> list[Case]:
     return [Case("compute-bound", compute, 32, 32), Case("wire-bound", wire, 224, 16)]
 
 
-def in_process_images_per_s(case: Case, seconds: float, threads: int, preprocess: str) -> float:
-    """The student's alternative: the same model in process, same batch, preprocessing included.
+@dataclass(frozen=True)
+class InProcess:
+    """The same model's forward in the student's process: images/s and one batch's p50."""
+
+    batch: int
+    images_per_s: float
+    p50_s: float
+
+
+def in_process(
+    case: Case, seconds: float, threads: int, preprocess: str, batch: int | None = None
+) -> InProcess:
+    """The student's alternative: the same model in process on `batch` images (the request's
+    size unless told), preprocessing included.
 
     preprocess "kdserve": the fused normalize the server uses; "torchvision": ToDtype(scale=True)
     + Normalize, as KD scripts do today.
     """
+    batch = batch or case.batch
     torch.set_num_threads(threads)
     if case.model_entry["arch"].startswith("file:"):
         model = torch.jit.load(case.model_entry["arch"][5:])
@@ -111,7 +129,7 @@ def in_process_images_per_s(case: Case, seconds: float, threads: int, preprocess
         torch.manual_seed(RANDOM_INIT_SEED)
         model = create_model(case.model_entry["arch"], num_classes=case.model_entry["num_classes"])
     mean, std = torch.tensor(MEAN), torch.tensor(STD)
-    images = torch.randint(0, 256, (case.batch, 3, case.size, case.size), dtype=torch.uint8)
+    images = torch.randint(0, 256, (batch, 3, case.size, case.size), dtype=torch.uint8)
 
     def step() -> None:
         with torch.inference_mode():
@@ -123,11 +141,13 @@ def in_process_images_per_s(case: Case, seconds: float, threads: int, preprocess
 
     for _ in range(3):
         step()
-    done, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
+    times: list[float] = []
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds or len(times) < 5:
+        began = time.perf_counter()
         step()
-        done += case.batch
-    return done / (time.perf_counter() - started)
+        times.append(time.perf_counter() - began)
+    return InProcess(batch, len(times) * batch / sum(times), statistics.median(times))
 
 
 def start_server(
@@ -283,6 +303,11 @@ def wire_bytes(case: Case) -> dict[str, float]:
     return {"floor": floor, "http": http / case.batch, "grpc": grpc_bytes / case.batch}
 
 
+LAYOUTS = ["one", "split"]
+"""`one`: one replica with every core's threads (the default); `split`: one replica per
+core, one thread each."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -291,6 +316,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--cases", nargs="+", default=["compute-bound", "wire-bound"])
     parser.add_argument("--wires", nargs="+", default=WIRES, choices=WIRES)
+    parser.add_argument("--layouts", nargs="+", default=LAYOUTS, choices=LAYOUTS)
+    parser.add_argument("--max-batch-size", type=int, default=256, help="the server's largest pass")
     args = parser.parse_args()
     threads = os.cpu_count() or 1
     print(
@@ -301,7 +328,24 @@ def main() -> None:
         workdir = Path(tmp)
         for case in build_cases(workdir):
             if case.name in args.cases:
-                run_case(workdir, case, args.clients, args.seconds, threads, args.wires)
+                run_case(
+                    workdir,
+                    case,
+                    args.clients,
+                    args.seconds,
+                    threads,
+                    args.wires,
+                    layouts=args.layouts,
+                    max_batch_size=args.max_batch_size,
+                )
+
+
+@dataclass(frozen=True)
+class Row:
+    layout: str
+    wire: str
+    clients: int
+    served: Served
 
 
 def run_case(
@@ -311,31 +355,43 @@ def run_case(
     seconds: float,
     threads: int,
     wires: list[str] = WIRES,
+    *,
+    layouts: list[str] = LAYOUTS,
+    max_batch_size: int = 256,
 ) -> None:
-    baseline = in_process_images_per_s(case, seconds, threads, "kdserve")
-    baseline_tv = in_process_images_per_s(case, seconds, threads, "torchvision")
+    """Each served figure against the in-process forward at the request's size (what a
+    student with the teacher inside pays), at the server's largest pass (the model's limit on
+    this machine) and, at the request's size, with torchvision's preprocessing."""
+    request = in_process(case, seconds, threads, "kdserve")
+    limit = in_process(case, seconds, threads, "kdserve", max_batch_size)
+    request_tv = in_process(case, seconds, threads, "torchvision")
     print(
         f"\n== {case.name}: {case.model_entry['arch'].split('/')[-1]} at {case.size} px, "
-        f"{case.batch}-image uint8 requests, {threads} threads in process: "
-        f"{baseline:.0f} img/s with kdserve's fused normalize (ratio), "
-        f"{baseline_tv:.0f} img/s with torchvision ToDtype + Normalize (ratio tv)"
+        f"{case.batch}-image uint8 requests; in process with {threads} threads: "
+        f"{request.images_per_s:.0f} img/s at {case.batch} images (x req; p50 "
+        f"{request.p50_s * 1e3:.1f} ms), {limit.images_per_s:.0f} img/s at {max_batch_size} "
+        f"(x limit), {request_tv.images_per_s:.0f} img/s at {case.batch} with torchvision's "
+        "ToDtype + Normalize (x tv)"
     )
-    layouts = [
-        (
+    settings = {
+        "one": (
             f"1 replica x {threads} threads",
             {"replicas_per_device": 1, "threads_per_replica": threads},
         ),
-        (
+        "split": (
             f"{threads} replicas x 1 thread",
             {"replicas_per_device": threads, "threads_per_replica": 1},
         ),
-    ]
+    }
     print(
-        f"{'server':24} {'wire':7} {'clients':>7} {'img/s':>8} {'ratio':>6} {'ratio tv':>8} "
-        f"{'p50 ms':>8} {'p99 ms':>8} {'CPU ms/request: server':>23} {'clients':>8}"
+        f"{'server':24} {'wire':7} {'clients':>7} {'img/s':>8} {'x limit':>7} {'x req':>6} "
+        f"{'x tv':>5} {'p50 ms':>7} {'p50/req':>7} {'p99 ms':>7} "
+        f"{'CPU ms/request: server':>23} {'clients':>8}"
     )
-    for label, layout in layouts:
-        server = {"max_batch_size": 256, "max_delay_ms": 2, **layout}
+    rows: list[Row] = []
+    for layout in layouts:
+        label, placement = settings[layout]
+        server = {"max_batch_size": max_batch_size, "max_delay_ms": 2, **placement}
         process, ports = start_server(workdir, case, server)
         try:
             for wire in wires:
@@ -343,21 +399,24 @@ def run_case(
                 url = f"v2+{url}" if wire.startswith("v2-") else url
                 for clients in client_counts:
                     run = measure_served(url, process.pid, case, clients, seconds)
+                    rows.append(Row(label, wire, clients, run))
                     p50, p99 = percentile(run.latencies, 0.5), percentile(run.latencies, 0.99)
                     rate = run.images_per_s
                     print(
                         f"{label:24} {wire:7} {clients:>7} {rate:>8.0f} "
-                        f"{rate / baseline:>6.2f} {rate / baseline_tv:>8.2f} "
-                        f"{p50 * 1e3:>8.1f} {p99 * 1e3:>8.1f} "
+                        f"{rate / limit.images_per_s:>7.2f} {rate / request.images_per_s:>6.2f} "
+                        f"{rate / request_tv.images_per_s:>5.2f} {p50 * 1e3:>7.1f} "
+                        f"{p50 / request.p50_s:>7.2f} {p99 * 1e3:>7.1f} "
                         f"{run.server_cpu_ms:>23.1f} {run.client_cpu_ms:>8.1f}",
                         flush=True,
                     )
         finally:
             process.terminate()
             process.wait()
+    print_targets(case, rows, request, limit, request_tv)
     lone = {}
     for label, server in (
-        ("batching", {"max_batch_size": 256, "max_delay_ms": 2}),
+        ("batching", {"max_batch_size": max_batch_size, "max_delay_ms": 2}),
         ("unbatched", {"max_batch_size": case.batch, "max_delay_ms": 0}),
     ):
         process, ports = start_server(workdir, case, server)
@@ -369,7 +428,8 @@ def run_case(
             process.wait()
     print(
         f"lone client p50: batching server {lone['batching'] * 1e3:.1f} ms, unbatched "
-        f"{lone['unbatched'] * 1e3:.1f} ms (ratio {lone['batching'] / lone['unbatched']:.2f})"
+        f"{lone['unbatched'] * 1e3:.1f} ms (ratio {lone['batching'] / lone['unbatched']:.2f}); "
+        f"in process {request.p50_s * 1e3:.1f} ms"
     )
     sizes = wire_bytes(case)
     print(
@@ -377,6 +437,42 @@ def run_case(
         f"gRPC {sizes['grpc']:.0f}; "
         f"uint8 view + 2 x classes = {sizes['floor']:.0f}"
     )
+
+
+def print_targets(
+    case: Case, rows: list[Row], request: InProcess, limit: InProcess, request_tv: InProcess
+) -> None:
+    """Each target of docs/architecture.md and issue 16 this case has, met or missed, row by
+    row (8 clients: the most in this run; 1 client: a lone student)."""
+    most = max((row.clients for row in rows), default=0)
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    for row in rows:
+        run, rate = row.served, row.served.images_per_s
+        where = f"{row.layout}, {row.wire}, {row.clients} client(s)"
+        if case.name == "compute-bound" and row.clients == most and most > 1:
+            ratio = rate / limit.images_per_s
+            print(
+                f"target >= 0.90 x limit at {most} clients ({where}): {ratio:.2f}, "
+                f"{verdict(ratio >= 0.9)}"
+            )
+        if case.name == "compute-bound" and row.clients == 1:
+            ratio = rate / request.images_per_s
+            p50 = percentile(run.latencies, 0.5) / request.p50_s
+            ok = ratio >= 0.85 and p50 <= 1.15
+            print(
+                f"target >= 0.85 x req and p50 <= 1.15 x in process ({where}): {ratio:.2f}, "
+                f"p50 {p50:.2f}, {verdict(ok)}"
+            )
+        if case.name == "wire-bound" and row.clients == most:
+            ratio = rate / request_tv.images_per_s
+            ok = ratio >= 0.5 and run.server_cpu_ms <= 2.5
+            print(
+                f"target >= 0.5 x tv and server CPU <= 2.5 ms/request ({where}): {ratio:.2f}, "
+                f"{run.server_cpu_ms:.1f} ms, {verdict(ok)}"
+            )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from teacher_server.server.registry import (
     ServedEnsemble,
     ServedModel,
 )
-from teacher_server.server.sharing import INLINE_KEY_BYTES, view_key
+from teacher_server.server.sharing import view_key
 from teacher_server.server.stats import ModelStats
 from teacher_server.shared.contract import (
     InferRequest,
@@ -230,7 +230,7 @@ class Lifecycle:
             limit = min(limit, timeout_s)
         deadline = received + limit
         loop = asyncio.get_running_loop()
-        key = await self._view_key(target, request)
+        key = self._view_key(target, request)
         submitted: list[tuple[Job, ServedModel]] = []
         sent: list[Future[MemberAnswer]] = []
         asked: list[asyncio.Future[Job] | asyncio.Future[MemberAnswer] | TeacherError] = []
@@ -277,16 +277,15 @@ class Lifecycle:
                 remote.cancel()
             raise
 
-    async def _view_key(self, target: Served, request: InferRequest) -> bytes | None:
+    def _view_key(self, target: Served, request: InferRequest) -> bytes | None:
         """The key local members share forwards by (None: sharing is off or every member is
-        remote); a large view is hashed off the event loop."""
+        remote); it reads at most `sharing.SAMPLE_BYTES` of a large view, so it stays on the
+        event loop."""
         if not self.config.server.share_forwards or not any(
             isinstance(member, ServedModel) for member in target.members
         ):
             return None
-        if request.images.numel() * request.images.element_size() <= INLINE_KEY_BYTES:
-            return view_key(request.images, request.mix)
-        return await asyncio.to_thread(view_key, request.images, request.mix)
+        return view_key(request.images, request.mix)
 
     def describe(self) -> ModelList:
         """Models plus the limits a client needs (e.g. to split big batches)."""

@@ -5,12 +5,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 
 from teacher_server.server.batcher import Batcher, Job
-from teacher_server.server.sharing import view_key
+from teacher_server.server.sharing import FULL_KEY_BYTES, SAMPLE_BYTES, InFlight, view_key
 from teacher_server.shared.contract import Mix
 from teacher_server.shared.errors import (
     DeadlineExceeded,
@@ -529,6 +531,24 @@ def test_view_key_depends_on_bytes_dtype_shape_and_mix() -> None:
     changed[3, 2, 3, 3] += 1
     assert view_key(changed, None) != key
     assert view_key(images.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2), None) == key
+
+
+def test_a_large_view_is_keyed_by_a_sample_and_shared_only_if_equal() -> None:
+    """Above FULL_KEY_BYTES the key hashes a strided sample (cheap next to the request):
+    views that differ only off the sample get one key, and still do not share a forward."""
+    images = torch.randint(0, 256, (16, 3, 224, 224), dtype=torch.uint8)
+    assert images.numel() > FULL_KEY_BYTES
+    key = view_key(images, None)
+    step = images.numel() // SAMPLE_BYTES
+    unsampled, sampled = images.clone(), images.clone()
+    unsampled.view(-1)[step // 2] ^= 1
+    sampled.view(-1)[step] ^= 1
+    assert view_key(unsampled, None) == key and view_key(sampled, None) != key
+    leaders: InFlight[Any] = InFlight()
+    lead = SimpleNamespace(images=images, mix=None, key=key)
+    leaders.add(lead)
+    assert leaders.leader_for(SimpleNamespace(images=images.clone(), mix=None, key=key)) is lead
+    assert leaders.leader_for(SimpleNamespace(images=unsampled, mix=None, key=key)) is None
 
 
 def test_a_pass_takes_the_clients_in_turn(make_batcher, finished):

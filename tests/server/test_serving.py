@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -261,3 +262,21 @@ def test_cuda_float16_server_matches_in_process(teachers: dict[str, Any]) -> Non
     assert (served - in_process(teachers["small"], images)).abs().max().item() < 0.05
     mix = {"mode": "mixup", "perm": list(range(63, -1, -1)), "lam": 0.4}
     assert (mixed - in_process(teachers["small"], images, mix)).abs().max().item() < 0.05
+
+
+def test_models_load_on_a_thread_that_ends_and_its_errors_still_reach_the_server(
+    teachers: dict[str, Any], tmp_path: Path
+) -> None:
+    """A thread left alive after torch's parallel kernels (building and warming up models)
+    keeps its OpenMP team and leaves the passes one core: loading gets a thread of its own,
+    gone by the time the server is ready; a model that cannot load still fails the start."""
+    config = teacher_config(teachers)
+    with running_server(config):
+        assert not [t for t in threading.enumerate() if t.name == "kdserve-load"]
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    config["models"][0]["weights"] = str(broken)
+    config["ensembles"] = []
+    with pytest.raises(Exception, match=r"broken\.safetensors"), running_server(config):
+        pass
+    assert not [t for t in threading.enumerate() if t.name == "kdserve-load"]

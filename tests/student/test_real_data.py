@@ -14,9 +14,10 @@ from PIL import Image
 from student_worker.augment import student_input
 from student_worker.config import available_cores, load_run_config
 from student_worker.runlog import RunLog
-from student_worker.trainer import Step, Trainer
+from student_worker.trainer import Trainer
 from student_worker.views import CropSettings, TrainViews, ViewKey
 from teacher_server.server.serve import ServerThread
+from tests.student.recording import record_steps, record_training_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -104,20 +105,10 @@ def test_a_student_below_the_teachers_resolution_learns_from_crops_at_the_teache
             "output_dir": str(tmp_path / "run"),
         },
     )
-    trained: list[tuple[Step, torch.Tensor | None]] = []
-    train_step = Trainer._train_step
-
-    def recording_step(self: Trainer, item: Step, logits: torch.Tensor | None) -> Any:
-        trained.append((item, logits))
-        return train_step(self, item, logits)
-
-    monkeypatch.setattr(Trainer, "_train_step", recording_step)
+    trained = record_steps(monkeypatch)
     trainer = Trainer(config)
     assert trainer.view_size == 32, "the view is cut at the larger of the two resolutions"
-    student_inputs: list[torch.Tensor] = []
-    trainer.model.register_forward_pre_hook(
-        lambda module, inputs: student_inputs.append(inputs[0].clone()) if module.training else None
-    )
+    student_inputs = record_training_inputs(trainer)
     trainer.fit()
     originals = TrainViews(
         trainer.train_set, CropSettings(32, scale=(0.08, 1.0)), seed=config.seed, rank=0

@@ -19,6 +19,7 @@ from teacher_server.server.serve import ServerThread
 from teacher_server.shared.contract import Mix
 from teacher_server.shared.settings import ConfigError
 from tests.helpers import model_stats
+from tests.student.recording import record_steps, record_training_inputs
 
 pytestmark = pytest.mark.slow
 UNUSED_ENDPOINT = "grpc://127.0.0.1:9"  # the recording teacher stands in for it
@@ -61,22 +62,10 @@ def teaching_run(
         },
     )
     teacher = RecordingTeacher(teachers["small"])
-    trained: list[tuple[Step, torch.Tensor | None]] = []
-    train_step = Trainer._train_step
-
-    def recording_step(self: Trainer, item: Step, logits: torch.Tensor | None) -> Any:
-        trained.append((item, logits))
-        return train_step(self, item, logits)
-
-    monkeypatch.setattr(Trainer, "_train_step", recording_step)
+    trained = record_steps(monkeypatch)
     trainer = Trainer(config, teacher=teacher)
     teacher.trainer = trainer
-
-    def keep_training_input(module: torch.nn.Module, inputs: tuple[torch.Tensor]) -> None:
-        if module.training:
-            teacher.student_inputs.append(inputs[0].detach().clone())
-
-    trainer.model.register_forward_pre_hook(keep_training_input)
+    teacher.student_inputs = record_training_inputs(trainer)
     trainer.fit()
     return teacher, trained
 

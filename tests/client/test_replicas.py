@@ -229,7 +229,7 @@ def test_a_draining_replica_gets_no_new_requests(teachers: dict[str, Any], tmp_p
         config["models"][0],
         {
             "name": "slow",
-            "arch": f"file:{save_slow(tmp_path / 'slow.pt', 30)}",
+            "arch": f"file:{save_slow(tmp_path / 'slow.pt', 120)}",
             "num_classes": 10,
             "input_size": 8,
         },

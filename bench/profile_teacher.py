@@ -18,16 +18,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -42,35 +38,15 @@ def start_profiled_server(
     """py-spy recording a teacher server it started; (py-spy, the server's pid, ports, out)."""
     threads = os.cpu_count() or 1
     server = {
-        "http_port": 0,
-        "grpc_port": 0,
         "max_batch_size": 256,
         "max_delay_ms": 2,
         "replicas_per_device": 1,
         "threads_per_replica": threads,
     }
-    config = workdir / "teacher.json"
-    config.write_text(json.dumps({"server": server, "models": [case.model_entry]}))
-    port_file, out = workdir / "ports.json", workdir / "profile.txt"
-    command = [sys.executable, "-m", "teacher_server", "--config", str(config)]
-    command += ["--port-file", str(port_file), "--log-level", "warning"]
-    record = [
-        py_spy,
-        "record",
-        "--format",
-        "raw",
-        "--rate",
-        str(rate),
-        *(["--native"] if native else []),
-    ]
-    spy = subprocess.Popen([*record, "--output", str(out), "--", *command])
-    while not port_file.exists():
-        if spy.poll() is not None:
-            raise RuntimeError("py-spy or the teacher server exited during start-up")
-        time.sleep(0.05)
-    ports = json.loads(port_file.read_text())
-    while httpx.get(f"{ports['http_url']}/readyz").status_code != 200:
-        time.sleep(0.1)
+    out = workdir / "profile.txt"
+    record = [py_spy, "record", "--format", "raw", "--rate", str(rate)]
+    record += [*(["--native"] if native else []), "--output", str(out), "--"]
+    spy, ports = throughput.start_server(workdir, case, server, prefix=record)
     children = Path(f"/proc/{spy.pid}/task/{spy.pid}/children").read_text().split()
     if len(children) != 1:
         raise RuntimeError(f"expected py-spy to have one child, the server: {children}")

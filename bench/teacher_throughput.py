@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,8 +152,10 @@ def in_process(
 
 
 def start_server(
-    workdir: Path, case: Case, server: dict[str, Any]
+    workdir: Path, case: Case, server: dict[str, Any], *, prefix: Sequence[str] = ()
 ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """`kdserve-teacher` serving `case` with `server` settings, ready; `prefix` runs it under
+    another command (py-spy, which then is the process returned)."""
     config = {"server": {"http_port": 0, "grpc_port": 0, **server}, "models": [case.model_entry]}
     path = workdir / "teacher.json"
     path.write_text(json.dumps(config))
@@ -160,6 +163,7 @@ def start_server(
     port_file.unlink(missing_ok=True)
     process = subprocess.Popen(
         [
+            *prefix,
             sys.executable,
             "-m",
             "teacher_server",
@@ -173,7 +177,7 @@ def start_server(
     )
     while not port_file.exists():
         if process.poll() is not None:
-            raise RuntimeError("teacher server exited during start-up")
+            raise RuntimeError(f"{' '.join(prefix) or 'teacher server'} exited during start-up")
         time.sleep(0.05)
     ports = json.loads(port_file.read_text())
     import httpx

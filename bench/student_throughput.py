@@ -13,6 +13,13 @@ Images/s is each epoch's training throughput (evaluation excluded), the first ep
 warm-up; ratios are against `ce` of the same round. Target (docs/architecture.md): `remote`
 >= 0.95x.
 
+Then the client's own cost, the CPU a student spends per request (taken from its step): the
+student's process (core 0) sends `--client-requests` requests of 16 uint8 views at 224 px
+(2.4 MB) one after another to the wire-bound teacher of `teacher_throughput.py` (core 1) with
+`TeacherClient` over HTTP (framed bodies) and gRPC, and, side by side, over HTTP with the
+msgpack body the client sent before framing; CPU is the whole process's (grpcio's threads
+included) per request.
+
 Run (the README records the results):
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 \
         .venv/bin/python bench/student_throughput.py
@@ -100,6 +107,68 @@ def teacher_forward_ms(repeats: int = 10) -> float:
     return statistics.median(times[1:])
 
 
+def client_cost(workdir: Path, requests: int) -> None:
+    """The student's CPU per 2.4 MB request: TeacherClient over HTTP and gRPC, and the msgpack
+    HTTP body of before, in rounds against one wire-bound teacher."""
+    import httpx
+
+    from teacher_server.client import TeacherClient
+    from teacher_server.shared import wire
+    from teacher_server.shared.contract import InferRequest
+
+    case = next(c for c in throughput.build_cases(workdir) if c.name == "wire-bound")
+    model = case.model_entry["name"]
+    os.sched_setaffinity(0, {1})
+    server, ports = throughput.start_server(workdir, case, {"threads_per_replica": 1})
+    os.sched_setaffinity(0, {0})
+    images = torch.randint(0, 256, (case.batch, 3, case.size, case.size), dtype=torch.uint8)
+    plain = httpx.Client(base_url=ports["http_url"])
+    headers = {"content-type": wire.MSGPACK_CONTENT_TYPE}
+
+    def msgpack_body() -> None:
+        request = InferRequest(model, images, output_dtype="float16")
+        answer = plain.post(
+            f"/v1/models/{model}/infer", content=wire.request_to_msgpack(request), headers=headers
+        )
+        answer.raise_for_status()
+        wire.result_from_msgpack(answer.content)
+
+    clients = {
+        wire_name: TeacherClient.connect(ports[f"{wire_name}_url"], model=model)
+        for wire_name in ("http", "grpc")
+    }
+    ways = {
+        "TeacherClient, HTTP (framed)": lambda: clients["http"].infer(
+            images, output_dtype="float16"
+        ),
+        "TeacherClient, gRPC": lambda: clients["grpc"].infer(images, output_dtype="float16"),
+        "HTTP, msgpack body (before)": msgpack_body,
+    }
+    cpu_ms: dict[str, list[float]] = {way: [] for way in ways}
+    try:
+        for _ in range(3):
+            for way, call in ways.items():
+                for _ in range(10):
+                    call()
+                started = time.process_time()
+                for _ in range(requests):
+                    call()
+                cpu_ms[way].append((time.process_time() - started) / requests * 1e3)
+    finally:
+        for client in clients.values():
+            client.close()
+        plain.close()
+        server.terminate()
+        server.wait(timeout=30)
+    before = statistics.median(cpu_ms["HTTP, msgpack body (before)"])
+    print(f"\nclient CPU per request of {case.batch} x 3 x {case.size} x {case.size} uint8")
+    print("| way | CPU ms/request (median of 3 rounds) | vs msgpack body |")
+    print("|---|---|---|")
+    for way, values in cpu_ms.items():
+        median = statistics.median(values)
+        print(f"| {way} | {median:.2f} | {median / before:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -107,6 +176,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3, help="per way and round (>= 2)")
     parser.add_argument("--prefetch", type=int, default=3)
+    parser.add_argument(
+        "--client-requests", type=int, default=300, help="per way of the client cost; 0: skip"
+    )
     args = parser.parse_args()
     if len(os.sched_getaffinity(0)) < 2:
         sys.exit("this benchmark needs 2 cores: the student on one, the teacher on the other")
@@ -155,6 +227,8 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(timeout=30)
+        if args.client_requests:
+            client_cost(workdir, args.client_requests)
     forward_ms = teacher_forward_ms()
     step_ms = 64 / statistics.median(rates["ce"]) * 1e3
     print(

@@ -2,8 +2,10 @@
 send requests of varied sizes, so the server's passes take many batch sizes.
 
 Target (docs/architecture.md): the server's RSS stays within 10% of its level after warm-up
-(5 minutes, 8 clients, both protocols, several students). Half the clients use HTTP, half
-gRPC; each draws its request size uniformly from --images (seeded per client).
+(5 minutes, 8 clients, both protocols, several students). The clients take the wires in turn:
+our HTTP and gRPC (`TeacherClient`) and the Open Inference Protocol's REST and gRPC
+(tritonclient: `v2-http`, `v2-grpc`); each draws its request size uniformly from --images
+(seeded per client).
 
 Two servers run one after the other under the same load: one with `heap_trim_mib: 0` (no
 heap trimmer: glibc's own behaviour) and one with the default `heap_trim_mib`; the last
@@ -15,12 +17,12 @@ without the MALLOC_* variables to see what users get (they turn glibc's trimming
 
 Run:
     .venv/bin/python bench/teacher_soak.py --seconds 300
-Options: --seconds S (measured time per server, default 300), --clients N (default 8, split
-between http and grpc; --wire http|grpc for one protocol only), --images LO HI (request
-sizes, default 1 256), --warm-up S (default 60), --every S (sampling period, default 5),
---window S (the levels after warm-up and at the end are medians over S seconds, default 30),
---trim-mib N [N ...] (the servers' heap_trim_mib, default 0 and the default), --server-env
-KEY=VALUE ... (e.g. MALLOC_ARENA_MAX=2).
+Options: --seconds S (measured time per server, default 300), --clients N (default 8, taking
+the wires in turn), --wires W [W ...] (of http grpc v2-http v2-grpc, default all four),
+--images LO HI (request sizes, default 1 256), --warm-up S (default 60), --every S
+(sampling period, default 5), --window S (the levels after warm-up and at the end are
+medians over S seconds, default 30), --trim-mib N [N ...] (the servers' heap_trim_mib,
+default 0 and the default), --server-env KEY=VALUE ... (e.g. MALLOC_ARENA_MAX=2).
 """
 
 from __future__ import annotations
@@ -156,18 +158,29 @@ def client_loop(
     draw = random.Random(seed)
     images = torch.randint(0, 256, (sizes[1], 3, size, size), dtype=torch.uint8)
     requests = sent = 0
-    with TeacherClient.connect(url, model=model, max_request_bytes=1 << 30) as client:
+    if url.startswith("v2+"):
+        infer, close = throughput.v2_client(url.removeprefix("v2+"), model)
+    else:
+        client = TeacherClient.connect(url, model=model, max_request_bytes=1 << 30)
+        close = client.close
+
+        def infer(views: torch.Tensor) -> None:
+            client.infer(views, output_dtype="float16")
+
+    try:
         for count in sizes:
-            client.infer(images[:count])
+            infer(images[:count])
         ready.put(os.getpid())
         start.wait()
         stop = time.perf_counter() + seconds
         while time.perf_counter() < stop:
             count = draw.randint(*sizes)
-            client.infer(images[:count], output_dtype="float16")
+            infer(images[:count])
             requests += 1
             sent += count
-    out.put((url.split(":")[0], requests, sent))
+    finally:
+        close()
+    out.put((url.split(":")[0].replace("+", "-"), requests, sent))
 
 
 @dataclass(frozen=True)
@@ -222,7 +235,7 @@ def run_phase(
             ctx.Process(
                 target=client_loop,
                 args=(
-                    ports[f"{wires[i % len(wires)]}_url"],
+                    wire_url(ports, wires[i % len(wires)]),
                     case.model_entry["name"],
                     case.size,
                     tuple(args.images),
@@ -266,6 +279,13 @@ def run_phase(
     return Phase(trim_mib, loaded, samples, results, heap, trims)
 
 
+def wire_url(ports: dict[str, str], wire: str) -> str:
+    """The URL a client of `wire` (http, grpc, v2-http, v2-grpc) is given."""
+    if wire.startswith("v2-"):
+        return "v2+" + ports[f"{wire.removeprefix('v2-')}_url"]
+    return ports[f"{wire}_url"]
+
+
 def heap_trims(http_url: str) -> float:
     """The server's kdserve_heap_trims_total from /metrics (0 without a trimmer)."""
     page = httpx.get(f"{http_url}/metrics").text
@@ -282,7 +302,7 @@ def main() -> None:
     default_trim = ServerConfig().heap_trim_mib
     parser.add_argument("--seconds", type=float, default=300.0)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--wire", choices=["both", "http", "grpc"], default="both")
+    parser.add_argument("--wires", nargs="+", choices=throughput.WIRES, default=throughput.WIRES)
     parser.add_argument("--images", type=int, nargs=2, default=[1, 256], metavar=("LO", "HI"))
     parser.add_argument("--warm-up", type=float, default=60.0)
     parser.add_argument("--every", type=float, default=5.0)
@@ -292,7 +312,7 @@ def main() -> None:
     args = parser.parse_args()
     extra_env = dict(item.split("=", 1) for item in args.server_env)
     malloc_env = {k: v for k, v in {**os.environ, **extra_env}.items() if k.startswith("MALLOC_")}
-    wires = ["http", "grpc"] if args.wire == "both" else [args.wire]
+    wires = args.wires
     env = " ".join(f"{k}={v}" for k, v in sorted(malloc_env.items())) or "no MALLOC_* variables"
     lo, hi = args.images
     print(

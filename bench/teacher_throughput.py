@@ -227,16 +227,23 @@ def client_loop(
 
 def _v2_infer(url: str, model: str, images: torch.Tensor) -> tuple[Any, Any]:
     """A tritonclient call of `model` on `images` (float16 logits answered), and its close."""
+    infer, close = v2_client(url, model)
+    return (lambda: infer(images)), close
+
+
+def v2_client(url: str, model: str) -> tuple[Any, Any]:
+    """tritonclient's call of `model` on given images (float16 logits answered), and its close;
+    `url` is the server's http:// or grpc:// URL."""
     scheme, address = url.split("://", 1)
     if scheme == "http":
         import tritonclient.http as triton
     else:
         import tritonclient.grpc as triton  # type: ignore[no-redef]
     client = triton.InferenceServerClient(address)
-    array = images.numpy()
     parameters = {"output_dtype": "FP16"}
 
-    def infer() -> None:
+    def infer(images: torch.Tensor) -> None:
+        array = images.numpy()
         tensor = triton.InferInput("images", list(array.shape), "UINT8")
         tensor.set_data_from_numpy(array)
         client.infer(model, [tensor], parameters=parameters).as_numpy("logits")
@@ -290,7 +297,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def wire_bytes(case: Case) -> dict[str, float]:
-    """Bytes per image of one request + its float16 answer, for both encodings."""
+    """Bytes per image of one request + its float16 answer, as TeacherClient sends them
+    (framed over HTTP, protobuf over gRPC)."""
     images = torch.zeros(case.batch, 3, case.size, case.size, dtype=torch.uint8)
     classes = case.model_entry["num_classes"]
     name = case.model_entry["name"]
@@ -301,7 +309,8 @@ def wire_bytes(case: Case) -> dict[str, float]:
         logits=torch.zeros(case.batch, classes, dtype=torch.float16),
         timings=Timings(1.0, 1.0, 1.0, (case.batch,)),
     )
-    http = len(wire.request_to_msgpack(request)) + len(wire.result_to_msgpack(answer))
+    framed = wire.request_to_framed(request) + wire.result_to_framed(answer)
+    http = sum(len(piece) for piece in framed)
     grpc_bytes = len(wire.request_to_protobuf(request)) + len(wire.result_to_protobuf(answer))
     floor = 3 * case.size * case.size + 2 * classes
     return {"floor": floor, "http": http / case.batch, "grpc": grpc_bytes / case.batch}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import grpc
 import httpx
@@ -76,7 +76,7 @@ def open_connection(
 
 
 class HttpConnection:
-    """msgpack bodies over HTTP/1.1 with keep-alive."""
+    """Framed bodies (`wire.FRAMED_CONTENT_TYPE`) over HTTP/1.1 with keep-alive."""
 
     def __init__(self, url: str, token: str | None, tls: ClientTls | None = None) -> None:
         self.url = url.rstrip("/")
@@ -89,17 +89,20 @@ class HttpConnection:
         )
 
     def infer(self, request: InferRequest, timeout_s: float) -> InferResult:
+        pieces = wire.request_to_framed(request)
         with _http_errors(self.url):
             response = self._client.post(
                 f"/v1/models/{request.model}/infer",
-                content=wire.request_to_msgpack(request),
+                # piece by piece, the images not copied (httpx and h11 take any bytes-like)
+                content=cast(Iterator[bytes], iter(pieces)),
                 headers={
-                    "content-type": wire.MSGPACK_CONTENT_TYPE,
+                    "content-type": wire.FRAMED_CONTENT_TYPE,
+                    "content-length": str(sum(len(piece) for piece in pieces)),
                     wire.TIMEOUT_HEADER: f"{timeout_s * 1000:.0f}",
                 },
                 timeout=timeout_s,
             )
-        return wire.result_from_msgpack(_ok_body(response, self.url))
+        return wire.result_from_framed(_ok_body(response, self.url))
 
     def list_models(self, timeout_s: float) -> ModelList:
         with _http_errors(self.url):

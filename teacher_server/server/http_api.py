@@ -153,16 +153,21 @@ def create_http_app(lifecycle: Lifecycle, collectors: Iterable[Collector] = ()) 
     async def infer(name: str, request: Request) -> Response:
         lifecycle.authorize(request.headers.get("authorization"))
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type not in MSGPACK_TYPES:
+        framed = content_type == wire.FRAMED_CONTENT_TYPE
+        if not framed and content_type not in MSGPACK_TYPES:
             raise InvalidRequest(
-                f"content-type must be {wire.MSGPACK_CONTENT_TYPE}, got {content_type or 'none'!r}"
+                f"content-type must be {wire.MSGPACK_CONTENT_TYPE} or {wire.FRAMED_CONTENT_TYPE}, "
+                f"got {content_type or 'none'!r}"
             )
         body = await read_body(request, lifecycle)
-        decode = partial(wire.request_from_msgpack, body, path_model=name)
+        from_body = wire.request_from_framed if framed else wire.request_from_msgpack
+        decode = partial(from_body, body, path_model=name)
         answer = lifecycle.infer(decode, timeout_s=_timeout_s(request), peer=peer_of(request))
         result = await unless_disconnected(request, answer)
         if result is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
+        if framed:
+            return Response(b"".join(wire.result_to_framed(result)), media_type=content_type)
         return Response(wire.result_to_msgpack(result), media_type=wire.MSGPACK_CONTENT_TYPE)
 
     @app.get("/v1/models")

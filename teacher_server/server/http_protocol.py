@@ -3,6 +3,9 @@ uvicorn lacks: a request-head timeout and a connection limit. (The body's timeou
 `http_api.read_body`'s; an idle keep-alive connection is closed by uvicorn's own
 timeout_keep_alive.)
 
+It also hands each body chunk to the app as it came from the parser, not through uvicorn's
+copy into a bytearray and back out.
+
 uvicorn waits forever for a request head that never completes and takes any number of
 connections, so a client holding many half-sent connections could hold the server's sockets.
 Here a head not complete within header_timeout_s (from the connection, or from the head's
@@ -17,6 +20,7 @@ import json
 from http import HTTPStatus
 from typing import Any
 
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from teacher_server.shared.errors import NotReady, RequestTimeout, TeacherError, status_of
@@ -72,6 +76,22 @@ def guarded_protocol(*, header_timeout_s: float, max_connections: int) -> type[H
         def on_headers_complete(self) -> None:
             self._heads_done += 1
             super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            # uvicorn appends every chunk to a bytearray that `receive` then copies out as
+            # bytes: two copies of each body. A chunk that finds nothing waiting is kept as
+            # it came (bytes of a bytes is the same object), so it is not copied at all.
+            cycle = self.cycle
+            upgrading = self.parser.should_upgrade() and self._should_upgrade()
+            if cycle.body or upgrading or cycle.response_complete:
+                if isinstance(cycle.body, bytes):
+                    cycle.body = bytearray(cycle.body)
+                super().on_body(body)
+                return
+            cycle.body = body  # type: ignore[assignment]
+            if len(body) > HIGH_WATER_LIMIT:
+                self.flow.pause_reading()
+            cycle.message_event.set()
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)

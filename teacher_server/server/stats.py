@@ -8,6 +8,7 @@ and failures by reason, and its answers combined from fewer members than all (a 
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -32,8 +33,7 @@ class _Histogram:
         self.total = 0.0
 
     def observe(self, value: float) -> None:
-        index = next((i for i, bound in enumerate(self.bounds) if value <= bound), len(self.bounds))
-        self.counts[index] += 1
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # the first bound >= value
         self.total += value
 
     def cumulative(self) -> list[tuple[str, float]]:

@@ -67,6 +67,12 @@ REQUEST_FIELDS = frozenset(
     }
 )
 TENSOR_FIELDS = frozenset({"dtype", "shape", "data"})
+FRAMED_TENSOR_FIELDS = frozenset({"dtype", "shape"})
+FRAMED_CONTENT_TYPE = "application/vnd.kdserve.framed"
+"""HTTP bodies framed for speed: a little-endian uint32 header length, the msgpack header
+(the same fields, each tensor as dtype and shape only), then the tensors' raw bytes. The
+server reads the images in place and answers in kind."""
+FRAME_PREFIX_BYTES = 4
 MIX_FIELDS = frozenset({"mode", "perm", "lam", "box"})
 RESULT_TENSORS = ("logits", "top_k_values", "top_k_indices")
 MODEL_INFO_FIELDS = tuple(field.name for field in dataclasses.fields(ModelInfo))
@@ -78,6 +84,12 @@ T = TypeVar("T")
 
 def request_to_msgpack(request: InferRequest) -> bytes:
     """The HTTP body of a request."""
+    packed: bytes = msgpack.packb(request_to_map(request), use_bin_type=True)
+    return packed
+
+
+def request_to_map(request: InferRequest) -> dict[str, Any]:
+    """A request's msgpack fields (the images' data referenced, not copied)."""
     fields: dict[str, Any] = {
         "model": request.model,
         "images": _tensor_map(request.images),
@@ -92,15 +104,40 @@ def request_to_msgpack(request: InferRequest) -> bytes:
         fields["mix"] = _mix_map(request.mix)
     if request.client_id:
         fields["client_id"] = request.client_id
-    packed: bytes = msgpack.packb(fields, use_bin_type=True)
-    return packed
+    return fields
 
 
 def request_from_msgpack(body: bytes, *, path_model: str | None = None) -> InferRequest:
     """A checked request from an HTTP body; `path_model` is the model named by the URL."""
+    return _request_from_map(body, path_model, tensor_data=None)
+
+
+def request_to_framed(request: InferRequest) -> list[bytes | memoryview]:
+    """The framed HTTP body of a request, in pieces (the images' memory is referenced): a
+    little-endian uint32 header length, the msgpack header, then the images' raw bytes."""
+    header = request_to_map(request)
+    data = header["images"].pop("data")
+    return _framed(header, [data])
+
+
+def request_from_framed(body: bytes, *, path_model: str | None = None) -> InferRequest:
+    """A checked request from a framed HTTP body; its images view the body's memory."""
+    try:
+        header, tail = _split_frame(body)
+    except InvalidRequest as error:
+        error.model = path_model
+        raise
+    return _request_from_map(header, path_model, tensor_data=tail)
+
+
+def _request_from_map(
+    packed: bytes | memoryview, path_model: str | None, tensor_data: memoryview | None
+) -> InferRequest:
+    """A request from its packed msgpack fields; `tensor_data`: the images' bytes follow them
+    (a framed body) instead of being their `images.data` field."""
     model = path_model
     try:
-        fields = _map(_unpack(body), "request body")
+        fields = _map(_unpack(packed), "request body" if tensor_data is None else "header")
         _known_fields(fields, REQUEST_FIELDS, "request")
         named = _typed(fields, "model", str, "a string")
         if named and path_model is not None and named != path_model:
@@ -111,7 +148,10 @@ def request_from_msgpack(body: bytes, *, path_model: str | None = None) -> Infer
             model = named
         if fields.get("images") is None:
             raise missing("images")
-        images = checked_images(*_tensor_fields(fields["images"], "images"))
+        if tensor_data is None:
+            images = checked_images(*_tensor_fields(fields["images"], "images"))
+        else:
+            images = checked_images(*_tensor_head(fields["images"], "images"), tensor_data)
         mix_fields = fields.get("mix")
         return checked_request(
             model=model,
@@ -148,14 +188,27 @@ def request_to_protobuf(request: InferRequest) -> bytes:
 
 
 def request_from_protobuf(body: bytes) -> InferRequest:
-    """A checked request from a serialized InferRequest message."""
-    message = _parse(pb.InferRequest, body, InvalidRequest)
+    """A checked request from a serialized InferRequest message.
+
+    The images' bytes are viewed in place, not copied out by the parser, when the message
+    holds its images and their data once each (as every encoder writes it); any other
+    message is parsed whole, with protobuf's own meaning of repeated fields.
+    """
+    split = _split_images(memoryview(body))
+    data: bytes | memoryview
+    if split is None:
+        message = _parse(pb.InferRequest, body, InvalidRequest)
+        tensor, data = message.images, message.images.data
+        has_images = message.HasField("images")
+    else:
+        rest, head, data = split
+        message = _parse(pb.InferRequest, rest, InvalidRequest)
+        tensor, has_images = _parse(pb.Tensor, head, InvalidRequest), True
     model = message.model if message.HasField("model") else None
     try:
-        if not message.HasField("images"):
+        if not has_images:
             raise missing("images")
-        tensor = message.images
-        images = checked_images(tensor.dtype, tensor.shape, tensor.data)
+        images = checked_images(tensor.dtype, tensor.shape, data)
         mix = None
         if message.HasField("mix"):
             lam = message.mix.lam if message.mix.HasField("lam") else None
@@ -181,6 +234,19 @@ def request_from_protobuf(body: bytes) -> InferRequest:
 
 def result_to_msgpack(result: InferResult) -> bytes:
     """The HTTP body of a result; tensors that were not asked for are left out."""
+    packed: bytes = msgpack.packb(_result_map(result), use_bin_type=True)
+    return packed
+
+
+def result_to_framed(result: InferResult) -> list[bytes | memoryview]:
+    """The framed HTTP body of a result, in pieces: header length, msgpack header, then the
+    raw bytes of its tensors in RESULT_TENSORS order (each header entry has dtype and shape)."""
+    header = _result_map(result)
+    data = [header[name].pop("data") for name in RESULT_TENSORS if name in header]
+    return _framed(header, data)
+
+
+def _result_map(result: InferResult) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": result.model,
         "request_id": result.request_id,
@@ -197,20 +263,44 @@ def result_to_msgpack(result: InferResult) -> bytes:
         tensor = getattr(result, name)
         if tensor is not None:
             body[name] = _tensor_map(tensor)
-    packed: bytes = msgpack.packb(body, use_bin_type=True)
-    return packed
+    return body
 
 
 def result_from_msgpack(body: bytes) -> InferResult:
     """A result from an HTTP answer; a malformed answer is a TeacherError."""
+    return _result_from_map(body, tensor_data=None)
+
+
+def result_from_framed(body: bytes) -> InferResult:
+    """A result from a framed HTTP answer; a malformed answer is a TeacherError."""
     try:
-        fields = _map(_unpack(body), "answer")
+        header, tail = _split_frame(body)
+    except InvalidRequest as error:
+        raise TeacherError(f"malformed answer: {error.message}") from None
+    return _result_from_map(header, tensor_data=tail)
+
+
+def _result_from_map(packed: bytes | memoryview, tensor_data: memoryview | None) -> InferResult:
+    try:
+        fields = _map(_unpack(packed), "answer")
         timings = _map(fields.get("timings") or {}, "timings")
-        tensors = {
-            name: _answer_tensor(name, *_tensor_fields(fields[name], name))
-            for name in RESULT_TENSORS
-            if fields.get(name) is not None
-        }
+        tensors = {}
+        offset = 0
+        for name in RESULT_TENSORS:
+            if fields.get(name) is None:
+                continue
+            if tensor_data is None:
+                tensors[name] = _answer_tensor(name, *_tensor_fields(fields[name], name))
+                continue
+            dtype, shape = _tensor_head(fields[name], name)
+            size = _byte_count(name, dtype, shape)
+            data = tensor_data[offset : offset + size]
+            tensors[name] = _answer_tensor(name, dtype, shape, data)
+            offset += size
+        if tensor_data is not None and offset != len(tensor_data):
+            raise InvalidRequest(
+                f"{len(tensor_data)} tensor bytes follow the header, its tensors take {offset}"
+            )
         return InferResult(
             model=_typed(fields, "model", str, "a string") or "",
             request_id=_typed(fields, "request_id", str, "a string") or "",
@@ -373,6 +463,47 @@ def _tensor_fields(value: Any, field: str) -> tuple[str, list[int], bytes]:
     )
 
 
+def _tensor_head(value: Any, field: str) -> tuple[str, list[int]]:
+    """A framed header's tensor map: (dtype, shape); its bytes follow the header."""
+    tensor = _map(value, field, "a map with dtype and shape")
+    _known_fields(tensor, FRAMED_TENSOR_FIELDS, field)
+    return (
+        _typed(tensor, "dtype", str, "a string", where=field) or "",
+        _integers(tensor, "shape", where=field),
+    )
+
+
+def _byte_count(field: str, dtype: str, shape: Sequence[int]) -> int:
+    if (
+        dtype not in contract.TENSOR_DTYPES
+        or len(shape) > contract.MAX_DIMS
+        or not all(0 <= d <= contract.MAX_DIM for d in shape)
+    ):
+        raise InvalidRequest(f"{field} has dtype {dtype!r} and shape {contract.preview(shape)}")
+    item = torch.empty((), dtype=contract.TENSOR_DTYPES[dtype]).element_size()
+    return math.prod(shape) * item
+
+
+def _framed(header: dict[str, Any], data: list[memoryview]) -> list[bytes | memoryview]:
+    packed: bytes = msgpack.packb(header, use_bin_type=True)
+    return [len(packed).to_bytes(FRAME_PREFIX_BYTES, "little"), packed, *data]
+
+
+def _split_frame(body: bytes | memoryview) -> tuple[memoryview, memoryview]:
+    """A framed body's (msgpack header, the tensor bytes after it), both views of `body`."""
+    view = memoryview(body)
+    if len(view) < FRAME_PREFIX_BYTES:
+        raise InvalidRequest(
+            f"a framed body starts with a {FRAME_PREFIX_BYTES}-byte header length; "
+            f"got {len(view)} bytes"
+        )
+    length = int.from_bytes(view[:FRAME_PREFIX_BYTES], "little")
+    end = FRAME_PREFIX_BYTES + length
+    if end > len(view):
+        raise InvalidRequest(f"header length {length} runs past the body's {len(view)} bytes")
+    return view[FRAME_PREFIX_BYTES:end], view[end:]
+
+
 def _tensor_field(number: int, tensor: torch.Tensor) -> list[bytes | memoryview]:
     """Field `number` holding `tensor` as a Tensor message; its data is referenced, not copied."""
     data = contract.tensor_bytes(tensor)
@@ -381,7 +512,9 @@ def _tensor_field(number: int, tensor: torch.Tensor) -> list[bytes | memoryview]
     return [_key(number), _varint(len(head) + len(data_key) + len(data)), head, data_key, data]
 
 
-def _answer_tensor(name: str, dtype: str, shape: Sequence[int], data: bytes) -> torch.Tensor:
+def _answer_tensor(
+    name: str, dtype: str, shape: Sequence[int], data: bytes | memoryview
+) -> torch.Tensor:
     """A result tensor that owns its memory (the answer's bytes are not kept alive)."""
     return checked_tensor(name, dtype, shape, data).clone()
 
@@ -419,7 +552,7 @@ def _mix_message(mix: Mix) -> pb.Mix:
 # ---- msgpack fields: types checked, absence as proto3 has it ----------------------------
 
 
-def _unpack(body: bytes) -> Any:
+def _unpack(body: bytes | memoryview) -> Any:
     """msgpack bytes -> Python values; extension types are never turned into objects."""
     try:
         return msgpack.unpackb(body, raw=False, strict_map_key=True)
@@ -505,7 +638,7 @@ def _kind(value: Any) -> str:
 
 # ---- protobuf framing -------------------------------------------------------------------
 
-M = TypeVar("M", pb.InferRequest, pb.InferResponse, pb.ListModelsResponse)
+M = TypeVar("M", pb.InferRequest, pb.InferResponse, pb.ListModelsResponse, pb.Tensor)
 
 
 def _parse(message_type: type[M], body: bytes, error: type[TeacherError]) -> M:
@@ -527,3 +660,63 @@ def _varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+def _split_images(body: memoryview) -> tuple[bytes, bytes, memoryview] | None:
+    """An InferRequest's (other fields, images without their data, the data in place), or
+    None where the images or their data are absent or repeated, or the message is malformed."""
+    images = _take_field(body, pb.InferRequest.IMAGES_FIELD_NUMBER)
+    if images is None:
+        return None
+    rest, tensor = images
+    data = _take_field(tensor, pb.Tensor.DATA_FIELD_NUMBER)
+    if data is None:
+        return None
+    head, data_view = data
+    return rest, head, data_view
+
+
+def _take_field(message: memoryview, number: int) -> tuple[bytes, memoryview] | None:
+    """(the message without field `number`, that field's value in place) when the field is
+    length-delimited and appears once; None otherwise or when the message is malformed."""
+    found = None
+    position = 0
+    while position < len(message):
+        start = position
+        key, position = _read_varint(message, position)
+        wire_type = key & 7
+        value_start = position
+        if wire_type == 0:
+            _, position = _read_varint(message, position)
+        elif wire_type == 1:
+            position += 8
+        elif wire_type == 5:
+            position += 4
+        elif wire_type == 2:
+            length, value_start = _read_varint(message, position)
+            position = value_start + length
+        else:
+            return None
+        if position > len(message) or key < 8:
+            return None
+        if key >> 3 == number:
+            if found is not None or wire_type != 2:
+                return None
+            found = (start, value_start, position)
+    if found is None:
+        return None
+    start, value_start, end = found
+    return bytes(message[:start]) + bytes(message[end:]), message[value_start:end]
+
+
+def _read_varint(buffer: memoryview, position: int) -> tuple[int, int]:
+    """The varint at `position` and the position after it; one running past the buffer
+    (or over 10 bytes) ends past it, which the caller reads as malformed."""
+    value = shift = 0
+    for index in range(position, min(position + 10, len(buffer))):
+        byte = buffer[index]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, index + 1
+        shift += 7
+    return 0, len(buffer) + 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 import threading
 import time
 from typing import Any
@@ -18,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from teacher_server.client import RetryPolicy, TeacherClient
 from teacher_server.server.config import load_config
 from teacher_server.server.serve import ServerThread
+from teacher_server.shared import wire
 from tests.archives import save_slow, save_truncating
 from tests.helpers import (
     AUTH,
@@ -157,6 +159,30 @@ def test_malformed_bodies(strict_server: ServerThread) -> None:
         error = grpc_call(strict_server, raw=garbage)
         assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "not a valid InferRequest message" in error.details()
+    assert_still_serving(strict_server)
+
+
+def test_malformed_framed_bodies_are_400_and_a_good_one_is_answered_framed(
+    strict_server: ServerThread,
+) -> None:
+    framed = {"content-type": wire.FRAMED_CONTENT_TYPE}
+    images = torch.full((2, 3, 32, 32), 7, dtype=torch.uint8)
+    header = msgpack.packb({"images": {"dtype": "uint8", "shape": [2, 3, 32, 32]}})
+    good = struct.pack("<I", len(header)) + header + images.numpy().tobytes()
+    answer = post(strict_server, None, raw=good, headers=framed)
+    assert answer.status_code == 200 and answer.headers["content-type"] == wire.FRAMED_CONTENT_TYPE
+    logits = wire.result_from_framed(answer.content).logits
+    over_msgpack = wire.result_from_msgpack(post(strict_server, good_fields(value=7)).content)
+    assert logits is not None and torch.equal(logits, over_msgpack.logits)
+    for body, message in [
+        (b"\x00", "4-byte header length"),
+        (struct.pack("<I", 10**6) + header, "runs past the body"),
+        (good[:-1], "has 6143 bytes but shape [2, 3, 32, 32]"),
+        (msgpack.packb(good_fields()), "header length"),
+    ]:
+        refused = post(strict_server, None, raw=body, headers=framed)
+        assert refused.status_code == 400, refused.text
+        assert message in refused.json()["error"]["message"]
     assert_still_serving(strict_server)
 
 

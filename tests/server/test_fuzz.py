@@ -5,8 +5,9 @@ side in any image dtype, maybe a mix, a temperature, an output, a dtype, a top_k
 (fields dropped or given values of other types, odd dtype names, odd and reshaped shapes, cut,
 padded or flipped tensor bytes, flipped, cut or extended bytes of the whole encoded body,
 unknown models, mix, top_k, output and temperature values out of range, odd HTTP timeouts)
-and sends it to the shared server four ways: as msgpack over HTTP, as protobuf over gRPC,
-and in the Open Inference Protocol (the same values as v2 inputs and parameters: REST with
+and sends it to the shared server four ways: over HTTP as msgpack or framed (the images'
+bytes after a msgpack header, drawn per example), as protobuf over gRPC, and in the Open
+Inference Protocol (the same values as v2 inputs and parameters: REST with
 binary tensors, gRPC ModelInferRequest with raw contents). Every answer must be a 2xx whose
 tensors are finite, or an error of the error table (HTTP 4xx with its JSON body, v2's
 `{"error": message}`; a gRPC code other than INTERNAL and UNKNOWN with the `kdserve-error`
@@ -255,6 +256,8 @@ class Case:
     """HTTP only: the URL's model when it is not the body's."""
     timeout_ms: str | None = None
     """HTTP only: the x-request-timeout-ms header; a tiny one may well answer 504."""
+    framed: bool = False
+    """HTTP only: a framed body (the images' data after the header) instead of msgpack."""
 
     @property
     def unmutated(self) -> bool:
@@ -270,6 +273,7 @@ def cases(draw: st.DrawFn) -> Case:
         mutations=draw(st.lists(mutations(), max_size=3)),
         body_edit=draw(st.one_of(st.none(), BODY_EDITS)),
         url_model=draw(st.one_of(st.none(), URL_MODELS)),
+        framed=draw(st.booleans()),
         timeout_ms=draw(st.one_of(st.none(), TIMEOUTS_MS)),
     )
 
@@ -533,7 +537,9 @@ def assert_http_answer(response: httpx.Response, *, timed: bool) -> str | None:
     A request that set its own timeout (`timed`) may also be the table's 504.
     """
     if response.is_success:
-        assert_finite(wire.result_from_msgpack(response.content))
+        framed = response.headers["content-type"] == wire.FRAMED_CONTENT_TYPE
+        decode = wire.result_from_framed if framed else wire.result_from_msgpack
+        assert_finite(decode(response.content))
         return None
     answer = f"HTTP {response.status_code}: {response.text[:500]}"
     expired = timed and response.status_code == ROWS["deadline_exceeded"].http
@@ -669,6 +675,19 @@ def transports(server: ServerThread) -> Iterator[Transports]:
 LIVENESS = Case(SMALL_IMAGE, [], None)
 
 
+def framed_body(fields: dict[str, Any]) -> bytes:
+    """The fields as a framed body: the images' data (whatever its type: bytes follow the
+    header, anything else stays in it) after a header of the other fields."""
+    header = copy.copy(fields)
+    images = header.get("images")
+    tail = b""
+    if isinstance(images, dict) and isinstance(images.get("data"), bytes):
+        header["images"] = {key: value for key, value in images.items() if key != "data"}
+        tail = images["data"]
+    packed = msgpack.packb(header, use_bin_type=True)
+    return struct.pack("<I", len(packed)) + packed + tail
+
+
 def send(transports: Transports, transport: str, case: Case) -> str | None:
     """The case's request over one transport: None if it was answered, else the refusal."""
     fields = request_fields(case)
@@ -690,7 +709,7 @@ def send(transports: Transports, transport: str, case: Case) -> str | None:
         if case.body_edit is not None:
             body = edited_bytes(body, *case.body_edit)
         return assert_grpc_answer(transports.infer, body)
-    body = msgpack.packb(fields, use_bin_type=True)
+    body = framed_body(fields) if case.framed else msgpack.packb(fields, use_bin_type=True)
     if case.body_edit is not None:
         body = edited_bytes(body, *case.body_edit)
     model = fields.get("model")
@@ -699,7 +718,9 @@ def send(transports: Transports, transport: str, case: Case) -> str | None:
     elif not isinstance(model, str) or not model:
         model = "small"
     path = f"/v1/models/{urllib.parse.quote(model, safe='')}/infer"
-    headers = {"content-type": wire.MSGPACK_CONTENT_TYPE}
+    headers = {
+        "content-type": wire.FRAMED_CONTENT_TYPE if case.framed else wire.MSGPACK_CONTENT_TYPE
+    }
     if case.timeout_ms is not None:
         headers[wire.TIMEOUT_HEADER] = case.timeout_ms
     response = transports.http.post(path, content=body, headers=headers)

@@ -1,0 +1,165 @@
+"""The framed HTTP body and the in-place read of a protobuf request's images.
+
+Both read a request's images where they lie in the received bytes instead of copying them out
+of a msgpack or protobuf parse; each must decode exactly what the plain encoding decodes, and
+refuse a malformed body with a precise InvalidRequest (a malformed answer: TeacherError).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+import numpy
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from teacher_server.shared import wire
+from teacher_server.shared._proto import teacher_pb2 as pb
+from teacher_server.shared.contract import InferRequest, InferResult, Mix, Timings
+from teacher_server.shared.errors import InvalidRequest, TeacherError
+
+
+def request(count: int = 4, side: int = 8, **fields: object) -> InferRequest:
+    generator = torch.Generator().manual_seed(count * 1000 + side)
+    images = torch.randint(0, 256, (count, 3, side, side), dtype=torch.uint8, generator=generator)
+    return InferRequest(model="small", images=images, **fields)  # type: ignore[arg-type]
+
+
+def joined(pieces: list[bytes | memoryview]) -> bytes:
+    return b"".join(pieces)
+
+
+def inside(tensor: torch.Tensor, body: bytes) -> bool:
+    """Whether the tensor's memory lies in `body` (it was not copied out)."""
+    address = numpy.frombuffer(body, dtype=numpy.uint8).ctypes.data
+    return address <= tensor.data_ptr() < address + len(body)
+
+
+def assert_same_request(a: InferRequest, b: InferRequest) -> None:
+    assert torch.equal(a.images, b.images) and a.images.dtype == b.images.dtype
+    for field in ("model", "mix", "temperature", "output", "output_dtype", "top_k"):
+        assert getattr(a, field) == getattr(b, field), field
+    assert (a.request_id, a.client_id) == (b.request_id, b.client_id)
+
+
+def test_a_framed_request_decodes_as_its_msgpack_body_and_views_the_body() -> None:
+    sent = request(mix=Mix("mixup", (1, 0, 3, 2), lam=0.25), top_k=3, request_id="r", client_id="c")
+    body = joined(wire.request_to_framed(sent))
+    framed = wire.request_from_framed(body, path_model="small")
+    assert_same_request(framed, wire.request_from_msgpack(wire.request_to_msgpack(sent)))
+    assert_same_request(framed, sent)
+    assert inside(framed.images, body)
+    packed = wire.request_to_msgpack(sent)
+    assert not inside(wire.request_from_msgpack(packed).images, packed)  # msgpack copies
+    header_length = struct.unpack_from("<I", body)[0]
+    assert len(body) == 4 + header_length + sent.images.numel()
+    assert "data" not in msgpack.unpackb(body[4 : 4 + header_length])["images"]
+
+
+def test_a_framed_result_round_trips_every_tensor() -> None:
+    logits = torch.randn(3, 10).to(torch.float16)
+    values, indices = torch.topk(logits.float(), 2)
+    timings = Timings(1.5, 2.5, 4.0, (3,))
+    for result in (
+        InferResult("m", "id", logits=logits, timings=timings, members=("a", "b")),
+        InferResult("m", "id", top_k_values=values, top_k_indices=indices.int(), timings=timings),
+    ):
+        back = wire.result_from_framed(joined(wire.result_to_framed(result)))
+        assert (back.model, back.request_id, back.timings, back.members) == (
+            result.model,
+            result.request_id,
+            result.timings,
+            result.members,
+        )
+        for name in wire.RESULT_TENSORS:
+            sent, got = getattr(result, name), getattr(back, name)
+            assert (sent is None and got is None) or torch.equal(sent, got), name
+
+
+def framed(header: object, tail: bytes = b"", length: int | None = None) -> bytes:
+    packed = msgpack.packb(header, use_bin_type=True)
+    return struct.pack("<I", len(packed) if length is None else length) + packed + tail
+
+
+IMAGES_HEAD = {"dtype": "uint8", "shape": [1, 3, 2, 2]}
+MALFORMED_REQUESTS = [
+    (b"\x01\x00", "starts with a 4-byte header length; got 2 bytes"),
+    (framed({"images": IMAGES_HEAD}, length=999), "header length 999 runs past"),
+    (framed({"images": IMAGES_HEAD}, b"\x00" * 11), "images.data has 11 bytes but shape"),
+    (framed({"images": IMAGES_HEAD}, b"\x00" * 13), "images.data has 13 bytes but shape"),
+    (framed({"images": {**IMAGES_HEAD, "data": b"\x00" * 12}}), "images has unknown fields"),
+    (framed([1, 2]), "header must be a map"),
+    (framed({}, b"\x00" * 12), "images is required"),
+    (struct.pack("<I", 3) + b"\xc1\xc1\xc1", "not valid msgpack"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), MALFORMED_REQUESTS)
+def test_a_malformed_framed_request_is_invalid(body: bytes, message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message.replace("(", r"\(")) as caught:
+        wire.request_from_framed(body, path_model="small")
+    assert caught.value.model == "small"
+
+
+def test_a_malformed_framed_answer_is_a_teacher_error() -> None:
+    logits = {"dtype": "float16", "shape": [2, 3]}
+    for body, message in [
+        (b"", "header length"),
+        (framed({"logits": logits}, b"\x00" * 11), "logits.data has 11 bytes"),
+        (framed({"logits": logits}, b"\x00" * 13), "13 tensor bytes follow the header"),
+        (framed({"logits": {"dtype": "int64", "shape": [2]}}), "logits has dtype 'int64'"),
+    ]:
+        with pytest.raises(TeacherError, match=message):
+            wire.result_from_framed(body)
+
+
+# ---- protobuf: the images read in place ----------------------------------------------------
+
+requests = st.builds(
+    request,
+    count=st.integers(1, 6),
+    side=st.integers(1, 9),
+    temperature=st.sampled_from([1.0, 0.5, 4.0]),
+    top_k=st.one_of(st.none(), st.integers(1, 5)),
+    request_id=st.text(max_size=5),
+    client_id=st.text(max_size=5),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(sent=requests)
+def test_protobuf_images_are_read_in_place_whatever_the_field_order(sent: InferRequest) -> None:
+    ours = wire.request_to_protobuf(sent)  # images last
+    theirs = pb.InferRequest.FromString(ours).SerializeToString()  # protobuf's order
+    for body in (ours, theirs):
+        got = wire.request_from_protobuf(body)
+        assert_same_request(got, sent)
+        assert inside(got.images, body)
+
+
+def test_protobuf_repeated_images_are_merged_as_protobuf_merges_them() -> None:
+    """A second images field without dtype and shape replaces the data (the last one wins),
+    so the in-place read steps aside and the whole message is parsed."""
+    sent = request(count=2, side=4)
+    other = torch.zeros_like(sent.images)
+    second = pb.Tensor(data=other.numpy().tobytes()).SerializeToString()
+    body = wire.request_to_protobuf(sent) + b"\x12" + bytes([len(second)]) + second
+    assert torch.equal(wire.request_from_protobuf(body).images, other)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x12\x05abc",  # images longer than the message
+        b"\x12\x03\x1a\x09ab",  # data longer than images
+        b"\x12\x02\x1a\x00\x0f",  # a group's wire type after the images
+        b"\x02",  # field number 0
+        b"\x12\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01",  # a varint over 10 bytes
+    ],
+)
+def test_malformed_protobuf_is_invalid_with_or_without_the_in_place_read(body: bytes) -> None:
+    with pytest.raises(InvalidRequest):
+        wire.request_from_protobuf(body)

@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import torch
@@ -81,15 +80,7 @@ def in_process(
         if on_gpu:
             torch.cuda.synchronize(device)
 
-    for _ in range(5):
-        step()
-    times: list[float] = []
-    started = time.perf_counter()
-    while time.perf_counter() - started < seconds or len(times) < 5:
-        began = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - began)
-    return throughput.InProcess(batch, len(times) * batch / sum(times), statistics.median(times))
+    return throughput.timed_steps(step, batch, seconds, warm_up=5)
 
 
 class BusySampler:

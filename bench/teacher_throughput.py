@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,7 +140,15 @@ def in_process(
                 unit = tv_functional.to_dtype(images, torch.float32, scale=True)
                 model(tv_functional.normalize(unit, list(MEAN), list(STD)))
 
-    for _ in range(3):
+    return timed_steps(step, batch, seconds)
+
+
+def timed_steps(
+    step: Callable[[], None], batch: int, seconds: float, warm_up: int = 3
+) -> InProcess:
+    """`step` (one batch of `batch` images) after `warm_up` untimed ones, for `seconds` and at
+    least 5 times: images/s and the median step."""
+    for _ in range(warm_up):
         step()
     times: list[float] = []
     started = time.perf_counter()

@@ -93,7 +93,7 @@ class HttpConnection:
         with _http_errors(self.url):
             response = self._client.post(
                 f"/v1/models/{request.model}/infer",
-                # piece by piece, the images not copied (httpx and h11 take any bytes-like)
+                # in pieces, with no msgpack copy of the images (h11 joins them once to send)
                 content=cast(Iterator[bytes], iter(pieces)),
                 headers={
                     "content-type": wire.FRAMED_CONTENT_TYPE,

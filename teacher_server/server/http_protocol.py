@@ -3,8 +3,8 @@ uvicorn lacks: a request-head timeout and a connection limit. (The body's timeou
 `http_api.read_body`'s; an idle keep-alive connection is closed by uvicorn's own
 timeout_keep_alive.)
 
-It also hands each body chunk to the app as it came from the parser, not through uvicorn's
-copy into a bytearray and back out.
+It also hands a body chunk that finds none waiting to the app as it came from the parser,
+not through uvicorn's copy into a bytearray and back out.
 
 uvicorn waits forever for a request head that never completes and takes any number of
 connections, so a client holding many half-sent connections could hold the server's sockets.

@@ -676,14 +676,26 @@ def _split_images(body: memoryview) -> tuple[bytes, bytes, memoryview] | None:
     return rest, head, data_view
 
 
+MAX_SCANNED_FIELDS = 32
+"""More fields than this (a message padded with many unknown ones) go to protobuf's own
+parse, whose time per byte is far below this Python loop's."""
+MAX_KEY_BYTES = 5
+"""protobuf refuses a longer field key; so does the scan, by leaving it to the parse."""
+
+
 def _take_field(message: memoryview, number: int) -> tuple[bytes, memoryview] | None:
     """(the message without field `number`, that field's value in place) when the field is
     length-delimited and appears once; None otherwise or when the message is malformed."""
     found = None
-    position = 0
+    position = fields = 0
     while position < len(message):
+        fields += 1
+        if fields > MAX_SCANNED_FIELDS:
+            return None
         start = position
         key, position = _read_varint(message, position)
+        if position - start > MAX_KEY_BYTES:
+            return None
         wire_type = key & 7
         value_start = position
         if wire_type == 0:

@@ -13,6 +13,7 @@ import msgpack
 import numpy
 import pytest
 import torch
+from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -155,7 +156,7 @@ def test_protobuf_repeated_images_are_merged_as_protobuf_merges_them() -> None:
     [
         b"\x12\x05abc",  # images longer than the message
         b"\x12\x03\x1a\x09ab",  # data longer than images
-        b"\x12\x02\x1a\x00\x0f",  # a group's wire type after the images
+        b"\x12\x02\x1a\x00\x0f",  # wire type 7 after the images
         b"\x02",  # field number 0
         b"\x12\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01",  # a varint over 10 bytes
     ],
@@ -163,3 +164,16 @@ def test_protobuf_repeated_images_are_merged_as_protobuf_merges_them() -> None:
 def test_malformed_protobuf_is_invalid_with_or_without_the_in_place_read(body: bytes) -> None:
     with pytest.raises(InvalidRequest):
         wire.request_from_protobuf(body)
+
+
+def test_the_in_place_read_refuses_what_protobuf_refuses_and_leaves_long_messages_to_it() -> None:
+    overlong_key = bytes.fromhex("928080808000120a0575696e74381204010301011a03616263")
+    with pytest.raises(DecodeError):
+        pb.InferRequest.FromString(overlong_key)
+    assert wire._split_images(memoryview(overlong_key)) is None
+    with pytest.raises(InvalidRequest, match="not a valid InferRequest"):
+        wire.request_from_protobuf(overlong_key)
+    sent = request(count=2, side=4)
+    padded = wire.request_to_protobuf(sent) + b"\x50\x00" * 100_000  # unknown fields
+    assert wire._split_images(memoryview(padded)) is None
+    assert_same_request(wire.request_from_protobuf(padded), sent)

@@ -84,11 +84,11 @@ T = TypeVar("T")
 
 def request_to_msgpack(request: InferRequest) -> bytes:
     """The HTTP body of a request."""
-    packed: bytes = msgpack.packb(request_to_map(request), use_bin_type=True)
+    packed: bytes = msgpack.packb(_request_map(request), use_bin_type=True)
     return packed
 
 
-def request_to_map(request: InferRequest) -> dict[str, Any]:
+def _request_map(request: InferRequest) -> dict[str, Any]:
     """A request's msgpack fields (the images' data referenced, not copied)."""
     fields: dict[str, Any] = {
         "model": request.model,
@@ -115,7 +115,7 @@ def request_from_msgpack(body: bytes, *, path_model: str | None = None) -> Infer
 def request_to_framed(request: InferRequest) -> list[bytes | memoryview]:
     """The framed HTTP body of a request, in pieces (the images' memory is referenced): a
     little-endian uint32 header length, the msgpack header, then the images' raw bytes."""
-    header = request_to_map(request)
+    header = _request_map(request)
     data = header["images"].pop("data")
     return _framed(header, [data])
 

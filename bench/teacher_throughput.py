@@ -210,7 +210,10 @@ def client_loop(
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
     latencies: list[float] = []
     if url.startswith("v2+"):
-        infer, close = _v2_infer(url.removeprefix("v2+"), model, images)
+        v2_infer, close = v2_client(url.removeprefix("v2+"), model)
+
+        def infer() -> None:
+            v2_infer(images)
     else:
         client = TeacherClient.connect(url, model=model, max_request_bytes=1 << 30)
 
@@ -231,12 +234,6 @@ def client_loop(
     finally:
         close()
     out.put(latencies)
-
-
-def _v2_infer(url: str, model: str, images: torch.Tensor) -> tuple[Any, Any]:
-    """A tritonclient call of `model` on `images` (float16 logits answered), and its close."""
-    infer, close = v2_client(url, model)
-    return (lambda: infer(images)), close
 
 
 def v2_client(url: str, model: str) -> tuple[Any, Any]:

@@ -168,6 +168,11 @@ def missing(field: str) -> InvalidRequest:
     return InvalidRequest(f"{field} is required")
 
 
+def byte_count(dtype: torch.dtype, shape: Sequence[int]) -> int:
+    """The bytes of a C-order tensor of this dtype and shape."""
+    return math.prod(shape) * dtype.itemsize
+
+
 def checked_tensor(
     field: str,
     dtype: str,
@@ -184,7 +189,7 @@ def checked_tensor(
             f"got {preview(list(shape))}"
         )
     torch_dtype = allowed[dtype]
-    expected = math.prod(shape) * torch.empty((), dtype=torch_dtype).element_size()
+    expected = byte_count(torch_dtype, shape)
     if len(data) != expected:
         raise InvalidRequest(
             f"{field}.data has {len(data)} bytes but shape {list(shape)} of {dtype} "

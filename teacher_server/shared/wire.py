@@ -480,8 +480,7 @@ def _byte_count(field: str, dtype: str, shape: Sequence[int]) -> int:
         or not all(0 <= d <= contract.MAX_DIM for d in shape)
     ):
         raise InvalidRequest(f"{field} has dtype {dtype!r} and shape {contract.preview(shape)}")
-    item = torch.empty((), dtype=contract.TENSOR_DTYPES[dtype]).element_size()
-    return math.prod(shape) * item
+    return contract.byte_count(contract.TENSOR_DTYPES[dtype], shape)
 
 
 def _framed(header: dict[str, Any], data: list[memoryview]) -> list[bytes | memoryview]:

@@ -22,7 +22,9 @@ the wires in turn), --wires W [W ...] (of http grpc v2-http v2-grpc, default all
 --images LO HI (request sizes, default 1 256), --warm-up S (default 60), --every S
 (sampling period, default 5), --window S (the levels after warm-up and at the end are
 medians over S seconds, default 30), --trim-mib N [N ...] (the servers' heap_trim_mib,
-default 0 and the default), --server-env KEY=VALUE ... (e.g. MALLOC_ARENA_MAX=2).
+default 0 and the default), --server-env KEY=VALUE ... (e.g. MALLOC_ARENA_MAX=2),
+--pass-sizes N ... (the model's pass_sizes: every pass padded to one of a few sizes, so oneDNN
+caches a few primitives; they must include 256, the servers' max_batch_size).
 """
 
 from __future__ import annotations
@@ -309,6 +311,7 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=30.0)
     parser.add_argument("--trim-mib", type=int, nargs="+", default=[0, default_trim])
     parser.add_argument("--server-env", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--pass-sizes", type=int, nargs="*", default=[], metavar="N")
     args = parser.parse_args()
     extra_env = dict(item.split("=", 1) for item in args.server_env)
     malloc_env = {k: v for k, v in {**os.environ, **extra_env}.items() if k.startswith("MALLOC_")}
@@ -318,10 +321,14 @@ def main() -> None:
     print(
         f"compute-bound resnet18 at 32 px, {args.clients} clients ({'/'.join(wires)}), "
         f"requests of {lo}..{hi} images, {args.seconds:.0f} s per server; servers: {env}"
+        + (f"; pass_sizes {args.pass_sizes}" if args.pass_sizes else "")
     )
     phases = []
     with tempfile.TemporaryDirectory() as tmp:
         case = throughput.build_cases(Path(tmp))[0]
+        if args.pass_sizes:
+            entry = {**case.model_entry, "pass_sizes": args.pass_sizes}
+            case = throughput.Case(case.name, entry, case.size, case.batch)
         for trim_mib in args.trim_mib:
             phase = run_phase(args, Path(tmp), case, wires, extra_env, trim_mib)
             report(args, wires, phase)

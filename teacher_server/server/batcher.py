@@ -87,6 +87,8 @@ class Runner(Protocol):
 
     def new_batch(self, size: int) -> torch.Tensor: ...
 
+    def padded_size(self, size: int) -> int: ...
+
     def prepare(
         self, images: torch.Tensor, start: int, stop: int, mix: Mix | None, out: torch.Tensor
     ) -> None: ...
@@ -437,7 +439,7 @@ class Batcher:
             return
         elapsed = time.monotonic() - started
         batch_size = int(logits.shape[0])
-        self.stats.record_execution(batch_size, elapsed)
+        self.stats.record_execution(batch_size, elapsed, runner.padded_size(batch_size))
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / batch_size
         done: list[Job] = []
         offset = 0

@@ -35,6 +35,7 @@ NAME_PATTERN = r"^[A-Za-z0-9_.\-]+$"
 REMOTE_SCHEMES = ("grpc", "grpcs", "http", "https")
 
 ModelDtype = Literal["float32", "float16", "bfloat16"]
+MAX_PASS_SIZES = 8
 
 
 class _Strict(BaseModel):
@@ -138,6 +139,14 @@ class ModelConfig(_Strict):
     dtype: ModelDtype = "float32"
     channels_last: bool = False
     compile: bool = False
+    pass_sizes: tuple[int, ...] = ()
+    """Pad every pass to the smallest of these sizes that holds it: a few fixed shapes for
+    `compile` and `cuda_graphs`, and a bounded primitive cache for oneDNN on a CPU. Empty: each
+    pass runs at its own size."""
+    cuda_graphs: bool = False
+    """Capture one CUDA graph per pass size at start-up and replay it for every pass."""
+    pinned_upload: bool = True
+    """On a GPU, stage each request's pixels in pinned memory so the upload is asynchronous."""
 
     @field_validator("input_size", mode="before")
     @classmethod
@@ -150,6 +159,33 @@ class ModelConfig(_Strict):
         if min(value) < 1:
             raise ValueError(f"input_size must be positive, got {list(value)}")
         return value
+
+    @field_validator("pass_sizes")
+    @classmethod
+    def _few_positive_sizes(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(size < 1 for size in value):
+            raise ValueError(f"pass sizes must be positive, got {list(value)}")
+        sizes = tuple(sorted(set(value)))
+        if len(sizes) > MAX_PASS_SIZES:
+            raise ValueError(
+                f"at most {MAX_PASS_SIZES} pass sizes (torch.compile keeps {MAX_PASS_SIZES} "
+                f"shapes before it stops compiling), got {len(sizes)}"
+            )
+        return sizes
+
+    @model_validator(mode="after")
+    def _graphs_need_sizes(self) -> ModelConfig:
+        if self.cuda_graphs and not self.pass_sizes:
+            raise ValueError(
+                f"model {self.name!r}: cuda_graphs needs pass_sizes (one graph is captured per "
+                "size), e.g. pass_sizes: [32, 64, 128, 256]"
+            )
+        if self.cuda_graphs and self.compile:
+            raise ValueError(
+                f"model {self.name!r}: choose compile or cuda_graphs, not both (this server "
+                "captures graphs of the eager module)"
+            )
+        return self
 
     @field_validator("std")
     @classmethod
@@ -324,6 +360,7 @@ class TeacherConfig(_Strict):
                 f"while compiling); compiled models: {compiled}"
             )
         for model in self.models:
+            self._check_passes(model)
             self.request_pixels(model.name)
         for ensemble in self.ensembles:
             unknown = [m for m in ensemble.local_members if m not in models]
@@ -339,6 +376,19 @@ class TeacherConfig(_Strict):
                 )
             self.request_pixels(ensemble.name)
         return self
+
+    def _check_passes(self, model: ModelConfig) -> None:
+        largest = self.server.max_batch_size
+        if model.pass_sizes and model.pass_sizes[-1] < largest:
+            raise ValueError(
+                f"model {model.name!r}: the largest of pass_sizes {list(model.pass_sizes)} "
+                f"must hold the server's largest pass (server.max_batch_size: {largest})"
+            )
+        not_gpu = [device for device in self.server.devices if not device.startswith("cuda")]
+        if model.cuda_graphs and not_gpu:
+            raise ValueError(
+                f"model {model.name!r}: cuda_graphs needs CUDA devices; server.device has {not_gpu}"
+            )
 
     def request_pixels(self, name: str) -> int:
         """Pixels one image sent to `name` costs here: its input size, summed over an ensemble's

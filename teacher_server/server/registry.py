@@ -264,17 +264,29 @@ class Registry:
             # Replicas on one device share the module: inference in eval mode mutates nothing.
             on_device = module if index == 0 else copy.deepcopy(module)
             if config.compile:
-                on_device = torch.compile(on_device, dynamic=True)  # type: ignore[assignment]
+                # Fixed pass sizes: one static graph per size, compiled here in the warm-up.
+                dynamic = not config.pass_sizes
+                on_device = torch.compile(on_device, dynamic=dynamic)  # type: ignore[assignment]
             replicas = [
-                ModelRunner(on_device, spec, device) for _ in range(server.replicas_per_device)
+                ModelRunner(
+                    on_device,
+                    spec,
+                    device,
+                    pass_sizes=config.pass_sizes,
+                    pinned_upload=config.pinned_upload,
+                )
+                for _ in range(server.replicas_per_device)
             ]
             self._warm_up(config, replicas[0])
+            if config.cuda_graphs:
+                for replica in replicas:
+                    self._capture(config, replica)
             runners += replicas
         return runners
 
     def _warm_up(self, config: ModelConfig, runner: ModelRunner) -> None:
         """Run the real path once per batch shape; checks the model's number of classes."""
-        sizes = {1, min(2, self.config.server.max_batch_size)}
+        sizes = {1, min(2, self.config.server.max_batch_size), *config.pass_sizes}
         if runner.device.type == "cuda":
             sizes.add(self.config.server.max_batch_size)
         for size in sorted(sizes):
@@ -292,6 +304,23 @@ class Registry:
                     f"model {config.name!r} returns logits of shape {list(logits.shape)} for "
                     f"{size} images, but num_classes is {config.num_classes}"
                 )
+
+    def _capture(self, config: ModelConfig, runner: ModelRunner) -> None:
+        started = time.monotonic()
+        try:
+            runner.capture_graphs()
+        except Exception as exc:
+            raise ModelLoadError(
+                f"model {config.name!r}: capturing its CUDA graphs failed (set cuda_graphs: "
+                f"false to serve it eagerly): {type(exc).__name__}: {exc}"
+            ) from exc
+        log.info(
+            "model %s: CUDA graphs for passes of %s on %s, %.1fs",
+            config.name,
+            list(config.pass_sizes),
+            runner.device,
+            time.monotonic() - started,
+        )
 
     def get(self, name: str) -> Served:
         """The model or ensemble by name: 404 for a name not served here, 503 while loading."""

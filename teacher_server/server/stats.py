@@ -65,6 +65,7 @@ class ModelStats:
         self.images = 0
         self.executions = 0
         self.executed_images = 0
+        self.padding_images = 0
         self.batch_sizes: Counter[int] = Counter()
         self._batch_hist = _Histogram(BATCH_BUCKETS)
         self._queue_hist = _Histogram(SECONDS_BUCKETS)
@@ -80,10 +81,12 @@ class ModelStats:
         with self._lock:
             self._queue_hist.observe(seconds)
 
-    def record_execution(self, batch_size: int, seconds: float) -> None:
+    def record_execution(self, batch_size: int, seconds: float, computed_rows: int = 0) -> None:
+        """A pass of `batch_size` images, padded to `computed_rows` (`pass_sizes`) if larger."""
         with self._lock:
             self.executions += 1
             self.executed_images += batch_size
+            self.padding_images += max(0, computed_rows - batch_size)
             self.batch_sizes[batch_size] += 1
             self._batch_hist.observe(batch_size)
             self._compute_hist.observe(seconds)
@@ -121,6 +124,7 @@ class ModelStats:
                 "images": self.images,
                 "executions": self.executions,
                 "executed_images": self.executed_images,
+                "padding_images": self.padding_images,
                 "mean_batch_size": self.executed_images / self.executions
                 if self.executions
                 else 0.0,
@@ -146,6 +150,14 @@ class ModelStats:
                     "shared_images",
                     "images answered from a forward computed for a request of the same view",
                     self.shared_images,
+                ),
+            )
+            yield (
+                "padding",
+                self._counter(
+                    "padding_images",
+                    "rows computed only to pad a pass to one of the model's pass_sizes",
+                    self.padding_images,
                 ),
             )
             yield (

@@ -51,6 +51,9 @@ class FakeRunner:
     def new_batch(self, size: int) -> torch.Tensor:
         return torch.full((size, *IMAGE_SHAPE), float("nan"))
 
+    def padded_size(self, size: int) -> int:
+        return size
+
     def prepare(
         self, images: torch.Tensor, start: int, stop: int, mix: Mix | None, out: torch.Tensor
     ) -> None:

@@ -118,6 +118,36 @@ def test_bad_server_and_ensemble_fields(tmp_path: Path) -> None:
         load_config(write(tmp_path, {"models": [MODEL, MODEL]}), environ={})
 
 
+def test_pass_sizes_are_sorted_and_checked_against_the_largest_pass(tmp_path: Path) -> None:
+    server = {"max_batch_size": 64}
+    config = load_config(
+        write(tmp_path, {"server": server, "models": [{**MODEL, "pass_sizes": [64, 8, 32, 8]}]}),
+        environ={},
+    )
+    assert config.models[0].pass_sizes == (8, 32, 64)
+    cases = [
+        ({"pass_sizes": [8, 32]}, server, r"largest of pass_sizes \[8, 32\] must hold.*64"),
+        ({"pass_sizes": [0, 64]}, server, "pass sizes must be positive"),
+        ({"pass_sizes": [*range(1, 10), 64]}, server, "at most 8 pass sizes"),
+        ({"cuda_graphs": True}, server, "cuda_graphs needs pass_sizes"),
+        ({"cuda_graphs": True, "pass_sizes": [64]}, server, r"needs CUDA devices.*\['cpu'\]"),
+        (
+            {"cuda_graphs": True, "compile": True, "pass_sizes": [64]},
+            {**server, "device": "cuda"},
+            "choose compile or cuda_graphs",
+        ),
+    ]
+    for change, server_fields, expected in cases:
+        data = {"server": server_fields, "models": [{**MODEL, **change}]}
+        with pytest.raises(ConfigError, match=expected):
+            load_config(write(tmp_path, data), environ={})
+    graphs = {**MODEL, "cuda_graphs": True, "pass_sizes": [16, 64]}
+    on_gpu = load_config(
+        write(tmp_path, {"server": {**server, "device": "cuda:0"}, "models": [graphs]}), environ={}
+    )
+    assert on_gpu.models[0].cuda_graphs and on_gpu.models[0].pinned_upload
+
+
 @pytest.mark.parametrize(
     ("members", "expected"),
     [

@@ -16,7 +16,13 @@ from teacher_server.client import TeacherClient
 from teacher_server.server.serve import ServerThread, _listening_socket
 from teacher_server.shared._proto import teacher_pb2, teacher_pb2_grpc
 from teacher_server.shared.contract import Mix
-from tests.helpers import in_process, random_images, running_server, teacher_config
+from tests.helpers import (
+    in_process,
+    model_stats,
+    random_images,
+    running_server,
+    teacher_config,
+)
 
 TOL = 1e-4
 
@@ -234,6 +240,36 @@ def test_low_precision_and_channels_last_models(teachers: dict[str, Any]) -> Non
     assert (last - in_process(teachers["wide"], images)).abs().max().item() < TOL
 
 
+def test_padded_passes_answer_like_unpadded_and_count_their_padding(
+    teachers: dict[str, Any],
+) -> None:
+    """pass_sizes pads each pass to a fixed size; the padding rows change no answer."""
+    config = teacher_config(teachers)
+    config["models"][0]["pass_sizes"] = [4, 16, 64]
+    config["models"][1].update(pass_sizes=[8, 64], channels_last=True)
+    sizes = [3, 6, 17, 50, 16, 1]
+    with running_server(config) as padded, TeacherClient.connect(padded.endpoints.grpc_url) as c:
+        for index, size in enumerate(sizes):
+            images = random_images(size, 32, seed=40 + index)
+            for model in ("small", "wide"):
+                served = c.infer(images, model=model)
+                expected = in_process(teachers[model], images)
+                assert (served - expected).abs().max().item() < TOL, (model, size)
+        mix = Mix("mixup", (4, 3, 2, 1, 0), lam=0.25)
+        images = random_images(5, 32, seed=60)
+        served = c.infer(images, model="small", mix=mix)
+        expected = in_process(
+            teachers["small"], images, {"mode": "mixup", "perm": mix.perm, "lam": 0.25}
+        )
+        assert (served - expected).abs().max().item() < TOL
+        stats = model_stats(padded)
+        metrics = httpx.get(f"{padded.endpoints.http_url}/metrics").text
+    # Sequential requests, one pass each: 3->4, 6->16, 17->64, 50->64, 16, 1->4, then 5->16.
+    assert stats["small"]["padding_images"] == 1 + 10 + 47 + 14 + 0 + 3 + 11
+    assert stats["wide"]["padding_images"] == 5 + 2 + 47 + 14 + 48 + 7
+    assert 'kdserve_padding_images_total{model="small"} 86.0' in metrics
+
+
 @pytest.mark.slow
 def test_compiled_model_answers_like_eager(teachers: dict[str, Any]) -> None:
     config = teacher_config(teachers)
@@ -262,6 +298,33 @@ def test_cuda_float16_server_matches_in_process(teachers: dict[str, Any]) -> Non
     assert (served - in_process(teachers["small"], images)).abs().max().item() < 0.05
     mix = {"mode": "mixup", "perm": list(range(63, -1, -1)), "lam": 0.4}
     assert (mixed - in_process(teachers["small"], images, mix)).abs().max().item() < 0.05
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_and_pinned_uploads_answer_exactly_like_eager(
+    teachers: dict[str, Any],
+) -> None:
+    """On a GPU: graph replays and pinned uploads compute the very logits of the eager pass."""
+    eager = teacher_config(teachers, device="cuda")
+    eager["models"][0].update(
+        dtype="float16", channels_last=True, pass_sizes=[8, 64], pinned_upload=False
+    )
+    fast = teacher_config(teachers, device="cuda", replicas_per_device=2)
+    fast["models"][0].update(
+        dtype="float16", channels_last=True, pass_sizes=[8, 64], cuda_graphs=True
+    )
+    mix = Mix("cutmix", tuple(range(39, -1, -1)), box=(2, 3, 20, 30))
+    requests = [(random_images(size, 32, seed=70 + size), None) for size in (1, 5, 8, 40, 64)]
+    requests.append((random_images(40, 24, seed=80), mix))
+    answers = []
+    for config in (eager, fast):
+        with (
+            running_server(config) as gpu,
+            TeacherClient.connect(gpu.endpoints.grpc_url) as client,
+        ):
+            answers.append([client.infer(x, model="small", mix=m) for x, m in requests])
+    for (images, _), plain, graphed in zip(requests, *answers, strict=True):
+        assert torch.equal(plain, graphed), images.shape
 
 
 def test_models_load_on_a_thread_that_ends_and_its_errors_still_reach_the_server(

@@ -8,6 +8,7 @@ refuse a malformed body with a precise InvalidRequest (a malformed answer: Teach
 from __future__ import annotations
 
 import struct
+from unittest import mock
 
 import msgpack
 import numpy
@@ -149,6 +150,75 @@ def test_protobuf_repeated_images_are_merged_as_protobuf_merges_them() -> None:
     second = pb.Tensor(data=other.numpy().tobytes()).SerializeToString()
     body = wire.request_to_protobuf(sent) + b"\x12" + bytes([len(second)]) + second
     assert torch.equal(wire.request_from_protobuf(body).images, other)
+
+
+def parsed_whole(body: bytes) -> InferRequest | str:
+    """The request protobuf's own parse of the whole message gives (the reference), or the
+    error's class name."""
+    with mock.patch.object(wire, "_split_images", return_value=None):
+        return outcome(body)
+
+
+def outcome(body: bytes) -> InferRequest | str:
+    try:
+        return wire.request_from_protobuf(body)
+    except TeacherError as error:
+        return type(error).__name__
+
+
+edits = st.lists(
+    st.tuples(st.sampled_from(["set", "insert", "delete"]), st.integers(0), st.integers(0, 255)),
+    min_size=1,
+    max_size=4,
+)
+
+
+FRAGMENTS = [
+    pb.InferRequest(images=pb.Tensor(data=bytes(range(48)))).SerializeToString(),
+    pb.InferRequest(images=pb.Tensor(dtype="uint8")).SerializeToString(),
+    pb.InferRequest(images=pb.Tensor(shape=[1, 3, 4, 4])).SerializeToString(),
+    pb.InferRequest(model="other", temperature=2.0).SerializeToString(),
+    b"\x50\x01",  # an unknown varint field
+    b"\x12\x02\x50\x01",  # images holding an unknown field
+]
+"""Whole fields to put before or after a message: protobuf merges repeated fields (the last
+scalar wins, sub-messages merge), which the in-place read must leave to protobuf."""
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sent=requests,
+    edits=st.one_of(st.just([]), edits),
+    cut=st.one_of(st.none(), st.integers(0)),
+    before=st.lists(st.sampled_from(FRAGMENTS), max_size=2),
+    after=st.lists(st.sampled_from(FRAGMENTS), max_size=2),
+)
+def test_the_in_place_read_decodes_mutated_bytes_as_the_whole_parse_does(
+    sent: InferRequest,
+    edits: list[tuple[str, int, int]],
+    cut: int | None,
+    before: list[bytes],
+    after: list[bytes],
+) -> None:
+    """Bytes flipped, inserted, deleted or cut anywhere in a real message, whole fields
+    repeated before or after it: the in-place read answers what protobuf's parse of the whole
+    message answers (the same request or the same refusal)."""
+    body = bytearray(b"".join([*before, wire.request_to_protobuf(sent), *after]))
+    for kind, where, value in edits:
+        where %= len(body) + (kind == "insert")
+        if kind == "set" and body:
+            body[where] = value
+        elif kind == "insert":
+            body.insert(where, value)
+        elif body:
+            del body[where]
+    if cut is not None and body:
+        del body[cut % len(body) :]
+    got, expected = outcome(bytes(body)), parsed_whole(bytes(body))
+    if isinstance(expected, str) or isinstance(got, str):
+        assert got == expected
+    else:
+        assert_same_request(got, expected)
 
 
 @pytest.mark.parametrize(

@@ -16,13 +16,14 @@ warm-up; ratios are against `ce` of the same round. Target (docs/architecture.md
 Then the client's own cost, the CPU a student spends per request (taken from its step): the
 student's process (core 0) sends `--client-requests` requests of 16 uint8 views at 224 px
 (2.4 MB) one after another to the wire-bound teacher of `teacher_throughput.py` (core 1) with
-`TeacherClient` over HTTP (framed bodies) and gRPC, and, side by side, over HTTP with the
-msgpack body the client sent before framing; CPU is the whole process's (grpcio's threads
-included) per request.
+`TeacherClient` over HTTP (framed bodies, http.client) and gRPC, and, side by side, two
+clients of before: httpx with the framed body, and httpx with the msgpack body the client
+sent before framing; CPU is the whole process's (grpcio's threads included) per request.
 
 Run (the README records the results):
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 \
         .venv/bin/python bench/student_throughput.py
+The client cost alone: `--rounds 0`.
 """
 
 from __future__ import annotations
@@ -125,6 +126,19 @@ def client_cost(workdir: Path, requests: int) -> None:
     plain = httpx.Client(base_url=ports["http_url"])
     headers = {"content-type": wire.MSGPACK_CONTENT_TYPE}
 
+    def httpx_framed() -> None:
+        pieces = wire.request_to_framed(InferRequest(model, images, output_dtype="float16"))
+        answer = plain.post(
+            f"/v1/models/{model}/infer",
+            content=iter(pieces),  # type: ignore[arg-type]
+            headers={
+                "content-type": wire.FRAMED_CONTENT_TYPE,
+                "content-length": str(sum(len(piece) for piece in pieces)),
+            },
+        )
+        answer.raise_for_status()
+        wire.result_from_framed(answer.content)
+
     def msgpack_body() -> None:
         request = InferRequest(model, images, output_dtype="float16")
         answer = plain.post(
@@ -142,6 +156,7 @@ def client_cost(workdir: Path, requests: int) -> None:
             images, output_dtype="float16"
         ),
         "TeacherClient, gRPC": lambda: clients["grpc"].infer(images, output_dtype="float16"),
+        "httpx, framed body (TeacherClient's HTTP until 2026-12-07)": httpx_framed,
         "HTTP, msgpack body (before)": msgpack_body,
     }
     cpu_ms: dict[str, list[float]] = {way: [] for way in ways}
@@ -173,7 +188,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="0: the client cost alone")
     parser.add_argument("--epochs", type=int, default=3, help="per way and round (>= 2)")
     parser.add_argument("--prefetch", type=int, default=3)
     parser.add_argument(
@@ -183,6 +198,10 @@ def main() -> None:
     if len(os.sched_getaffinity(0)) < 2:
         sys.exit("this benchmark needs 2 cores: the student on one, the teacher on the other")
     torch.set_num_threads(1)
+    if args.rounds == 0:  # the client cost alone
+        with tempfile.TemporaryDirectory() as tmp:
+            client_cost(Path(tmp), args.client_requests)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         case = throughput.Case(

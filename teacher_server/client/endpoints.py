@@ -36,7 +36,7 @@ class Endpoint:
     transport: Literal["http", "grpc"]
     secure: bool
     address: str
-    """httpx's base URL, or grpcio's target (`host:port`, or the gRPC target itself)."""
+    """The HTTP base URL, or grpcio's target (`host:port`, or the gRPC target itself)."""
     hosts: tuple[str, ...]
     """The hosts it reaches (the token's loopback rule); a unix socket's is `localhost`."""
     balanced: bool

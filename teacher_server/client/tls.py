@@ -38,7 +38,7 @@ class ClientTls:
                 raise ValueError(f"TLS file {str(path)!r} does not exist")
 
     def ssl_context(self) -> ssl.SSLContext:
-        """For httpx: verify the server (hostname included), present our certificate."""
+        """For HTTPS: verify the server (hostname included), present our certificate."""
         context = ssl.create_default_context(cafile=str(self.ca) if self.ca else None)
         if self.cert is not None and self.key is not None:
             context.load_cert_chain(str(self.cert), str(self.key))

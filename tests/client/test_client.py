@@ -15,6 +15,7 @@ from teacher_server.shared.errors import DeadlineExceeded, InvalidRequest, Model
 from tests.helpers import (
     BUSY_CLIENT,
     TOKEN,
+    free_ports,
     in_process,
     model_stats,
     occupy_slow_model,
@@ -136,3 +137,21 @@ def test_batches_over_the_message_limit_are_chunked(
     )
     expected = in_process(teachers["small"], batch, as_dict)
     assert (reply.logits - expected).abs().max().item() < 1e-4
+
+
+def test_a_kept_alive_http_connection_to_a_restarted_teacher_is_replaced_at_once(
+    teachers: dict[str, Any],
+) -> None:
+    """The server behind a pooled keep-alive connection restarts: the next request goes out on
+    a fresh connection within the same try (no retry of the policy's is left to spend)."""
+    (port,) = free_ports(1)
+    config = teacher_config(teachers, http_port=port)
+    images = random_images(3, 32, seed=91)
+    expected = in_process(teachers["small"], images)
+    with TeacherClient.connect(
+        f"http://127.0.0.1:{port}", model="small", retry=RetryPolicy(attempts=0)
+    ) as client:
+        for _ in range(2):
+            with running_server(config):
+                for _ in range(2):
+                    assert (client.infer(images) - expected).abs().max().item() < 1e-4

@@ -17,6 +17,7 @@ FAMILIES = {
     "kdserve_executions": "counter",
     "kdserve_inference_images": "counter",
     "kdserve_shared_images": "counter",
+    "kdserve_padding_images": "counter",
     "kdserve_batch_size": "histogram",
     "kdserve_queue_seconds": "histogram",
     "kdserve_compute_seconds": "histogram",

@@ -107,13 +107,12 @@ class HttpConnection:
             "content-length": str(sum(len(piece) for piece in pieces)),
             wire.TIMEOUT_HEADER: f"{timeout_s * 1000:.0f}",
         }
-        answer = self._exchange(
-            "POST", f"/v1/models/{request.model}/infer", pieces, headers, timeout_s
-        )
+        path = f"/v1/models/{request.model}/infer"
+        answer = self._exchange(_Request("POST", path, pieces, headers, timeout_s))
         return wire.result_from_framed(answer.ok_body(self.url))
 
     def list_models(self, timeout_s: float) -> ModelList:
-        answer = self._exchange("GET", "/v1/models", [], {}, timeout_s)
+        answer = self._exchange(_Request("GET", "/v1/models", [], {}, timeout_s))
         return wire.models_from_map(json.loads(answer.ok_body(self.url)))
 
     def close(self) -> None:
@@ -123,25 +122,18 @@ class HttpConnection:
         for connection in idle:
             connection.close()
 
-    def _exchange(
-        self,
-        method: str,
-        path: str,
-        pieces: Sequence[bytes | memoryview],
-        headers: dict[str, str],
-        timeout_s: float,
-    ) -> _Answer:
+    def _exchange(self, request: _Request) -> _Answer:
         with self._lock:
             connection = self._idle.pop() if self._idle else None
         with _http_errors(self.url):
             if connection is not None:
                 try:
-                    return self._send(connection, method, path, pieces, headers, timeout_s)
+                    return self._send(connection, request)
                 except ConnectionError:
                     # A kept-alive connection the server had closed (a restart, its idle
                     # timeout): the request is tried once more on a fresh one.
                     connection.close()
-            return self._send(self._connect(timeout_s), method, path, pieces, headers, timeout_s)
+            return self._send(self._connect(request.timeout_s), request)
 
     def _connect(self, timeout_s: float) -> http.client.HTTPConnection:
         if self._context is not None:
@@ -156,20 +148,13 @@ class HttpConnection:
         connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return connection
 
-    def _send(
-        self,
-        connection: http.client.HTTPConnection,
-        method: str,
-        path: str,
-        pieces: Sequence[bytes | memoryview],
-        headers: dict[str, str],
-        timeout_s: float,
-    ) -> _Answer:
+    def _send(self, connection: http.client.HTTPConnection, request: _Request) -> _Answer:
+        pieces = request.pieces
         try:
             assert connection.sock is not None
-            connection.sock.settimeout(timeout_s)
-            connection.putrequest(method, path, skip_accept_encoding=True)
-            for name, value in {**self._headers, **headers}.items():
+            connection.sock.settimeout(request.timeout_s)
+            connection.putrequest(request.method, request.path, skip_accept_encoding=True)
+            for name, value in {**self._headers, **request.headers}.items():
                 connection.putheader(name, value)
             connection.endheaders(pieces[0] if pieces else None)
             for piece in pieces[1:]:
@@ -190,6 +175,17 @@ class HttpConnection:
                 else:
                     self._idle.append(connection)
         return answer
+
+
+@dataclass(frozen=True)
+class _Request:
+    """An HTTP request as `HttpConnection` sends it: the body in pieces, sent as they are."""
+
+    method: str
+    path: str
+    pieces: Sequence[bytes | memoryview]
+    headers: dict[str, str]
+    timeout_s: float
 
 
 @dataclass(frozen=True)

@@ -280,12 +280,21 @@ class TeacherProcess:
     """`kdserve-teacher` as a process on fixed ports, which can be killed and started again."""
 
     def __init__(
-        self, root: Path, config: dict[str, Any], name: str = "teacher", host: str = "127.0.0.1"
+        self,
+        root: Path,
+        config: dict[str, Any],
+        name: str = "teacher",
+        host: str = "127.0.0.1",
+        grpc_port: int | None = None,
     ) -> None:
+        """`grpc_port`: this one (replicas on several addresses behind one name share it)
+        rather than a free one."""
         self.root = root
         self.name = name
         self.host = host
         self.http_port, self.grpc_port = free_ports(2)
+        if grpc_port is not None:
+            self.grpc_port = grpc_port
         server = {**config.get("server", {}), "host": host, "http_port": self.http_port}
         server["grpc_port"] = self.grpc_port
         self.config = root / f"{name}.yaml"

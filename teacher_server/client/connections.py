@@ -29,6 +29,7 @@ from teacher_server.shared.errors import DeadlineExceeded, NotReady, TeacherErro
 GRPC_MESSAGE_LIMIT = 1024 * 1024 * 1024
 MAX_IDLE_HTTP_CONNECTIONS = 64
 MAX_RECONNECT_BACKOFF_MS = 2000
+MIN_RESOLVE_INTERVAL_MS = 1000
 INFER_METHOD = f"/{wire.GRPC_SERVICE}/Infer"
 LIST_MODELS_METHOD = f"/{wire.GRPC_SERVICE}/ListModels"
 BALANCED_SERVICE_CONFIG = json.dumps(
@@ -238,6 +239,10 @@ class GrpcConnection:
         ]
         if endpoint.balanced:
             options.append(("grpc.service_config", BALANCED_SERVICE_CONFIG))
+            # A target's name is looked up again when a connection to it ends (a replica gone,
+            # or the teacher's max connection age): within a second, not grpcio's 30 s, so a
+            # replica added by a scale-up gets requests as soon as connections roll over.
+            options.append(("grpc.dns_min_time_between_resolutions_ms", MIN_RESOLVE_INTERVAL_MS))
         if tls is not None and tls.server_name:
             options.append(("grpc.ssl_target_name_override", tls.server_name))
         if tls is None:

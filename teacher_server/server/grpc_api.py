@@ -75,12 +75,25 @@ class TeacherService:
 
 def create_grpc_server(lifecycle: Lifecycle) -> tuple[grpc.aio.Server, Any]:
     """An aio server with the Teacher and standard health services (not started, no ports)."""
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", GRPC_READ_FACTOR * lifecycle.max_request_bytes),
-            ("grpc.max_send_message_length", -1),
+    options: list[tuple[str, int]] = [
+        ("grpc.max_receive_message_length", GRPC_READ_FACTOR * lifecycle.max_request_bytes),
+        ("grpc.max_send_message_length", -1),
+    ]
+    server_config = lifecycle.config.server
+    if server_config.grpc_max_connection_age_s > 0:
+        # grpcio adds +-10% jitter, so a client's connections do not all go at once; requests
+        # on a closing connection have their whole timeout (and a second) to finish
+        options += [
+            (
+                "grpc.max_connection_age_ms",
+                max(1, round(server_config.grpc_max_connection_age_s * 1000)),
+            ),
+            (
+                "grpc.max_connection_age_grace_ms",
+                round(server_config.request_timeout_s * 1000) + 1000,
+            ),
         ]
-    )
+    server = grpc.aio.server(options=options)
     service = TeacherService(lifecycle)
     methods = {
         "Infer": grpc.unary_unary_rpc_method_handler(service.infer),

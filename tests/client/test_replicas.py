@@ -1,12 +1,11 @@
-"""Teacher replicas behind one gRPC target (grpcio's round_robin with health checks): three
-`kdserve-teacher` processes on 127.0.0.1, .2 and .3, one killed mid-run."""
+"""Teacher replicas behind one gRPC target (grpcio's round_robin with health checks): the
+targets' forms, and three servers on 127.0.0.1, .2 and .3, one of them draining. Replicas
+killed and added under eight students: tests/deploy/test_scale_out.py."""
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,6 @@ import pytest
 import torch
 
 from student_worker.config import load_run_config
-from student_worker.runlog import RunLog
-from student_worker.trainer import Trainer
 from teacher_server.client import RetryPolicy, TeacherClient
 from teacher_server.client.endpoints import parse_endpoint
 from teacher_server.server.config import load_config
@@ -24,7 +21,6 @@ from teacher_server.server.serve import ServerThread
 from tests.archives import save_slow
 from tests.helpers import (
     SLOW_BATCH,
-    TeacherProcess,
     in_process,
     model_stats,
     occupy_slow_model,
@@ -36,127 +32,6 @@ from tests.helpers import (
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 TOL = 1e-4
 CLIENT_LOG = "teacher_server.client.teacher_client"
-
-
-@pytest.fixture
-def replicas(tmp_path: Path, teachers: dict[str, Any]) -> Iterator[list[TeacherProcess]]:
-    """Three replicas of the `small` teacher, each on its own loopback address."""
-    config = teacher_config(teachers, threads_per_replica=1)
-    config["models"], config["ensembles"] = config["models"][:1], []
-    processes = [
-        TeacherProcess(tmp_path, config, name=f"replica-{i}", host=host)
-        for i, host in enumerate(HOSTS)
-    ]
-    try:
-        for process in processes:
-            process.start()
-        for process in processes:
-            process.wait_ready()
-        yield processes
-    finally:
-        for process in processes:
-            if process.process is not None and process.process.poll() is None:
-                process.stop()
-
-
-def target(replicas: list[TeacherProcess]) -> str:
-    return "ipv4:" + ",".join(f"{p.host}:{p.grpc_port}" for p in replicas)
-
-
-def answered(process: TeacherProcess) -> int:
-    """Requests the replica answered (0 once it is gone)."""
-    try:
-        stats = httpx.get(f"{process.url('http')}/v1/stats", timeout=5).json()
-    except httpx.TransportError:
-        return 0
-    return int(stats["models"]["small"]["requests"].get("ok", 0))
-
-
-@pytest.mark.slow
-def test_requests_spread_over_the_replicas_and_survive_one_killed(
-    replicas: list[TeacherProcess], teachers: dict[str, Any], caplog: pytest.LogCaptureFixture
-) -> None:
-    """Four threads of one client over one target: every replica answers, answers equal the
-    in-process teacher's; one replica killed costs no failed request (the default retry
-    policy resends to another address after its short back-off); started again, it gets
-    requests again."""
-    images = random_images(4, 32, seed=5)
-    expected = in_process(teachers["small"], images)
-    failures: list[BaseException] = []
-    wrong: list[float] = []
-    stop = threading.Event()
-
-    def ask(client: TeacherClient) -> None:
-        while not stop.is_set():
-            try:
-                served = client.infer(images)
-            except BaseException as error:
-                failures.append(error)
-                return
-            if (served - expected).abs().max().item() >= TOL:
-                wrong.append((served - expected).abs().max().item())
-
-    killed = replicas[1]
-    caplog.set_level(logging.WARNING, logger=CLIENT_LOG)
-    with TeacherClient.connect(target(replicas), model="small") as client:
-        askers = [threading.Thread(target=ask, args=(client,)) for _ in range(4)]
-        for asker in askers:
-            asker.start()
-        try:
-            wait_until(lambda: all(answered(p) >= 5 for p in replicas), "answers from all three")
-            counts = [answered(p) for p in replicas]
-            assert max(counts) < 4 * min(counts), f"requests not spread: {counts}"
-            killed.kill()
-            survivors = [p for p in replicas if p is not killed]
-            before = [answered(p) for p in survivors]
-            wait_until(
-                lambda: all(answered(p) >= n + 20 for p, n in zip(survivors, before, strict=True)),
-                "the survivors to go on answering",
-            )
-            killed.start()
-            killed.wait_ready()
-            wait_until(lambda: answered(killed) >= 5, "the restarted replica to get requests")
-        finally:
-            stop.set()
-            for asker in askers:
-                asker.join()
-    assert not failures, f"requests failed while a replica was killed: {failures[:3]}"
-    assert not wrong, f"answers off the in-process teacher's by {max(wrong)}"
-    assert not [r for r in caplog.records if "teacher unavailable" in r.getMessage()]
-
-
-@pytest.mark.slow
-def test_a_student_run_loses_no_step_when_a_replica_dies(
-    replicas: list[TeacherProcess], tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A real training run on the target; a replica killed after its first requests: every
-    step is trained, none waited for the teacher (no retry warning)."""
-    steps = 60
-    config = load_run_config(
-        None,
-        {
-            "teacher.endpoints": [target(replicas)],
-            "teacher.model": "small",
-            "batch_size": 16,
-            "max_steps": steps,
-            "output_dir": str(tmp_path / "run"),
-            "threads": 1,
-        },
-    )
-    caplog.set_level(logging.WARNING, logger=CLIENT_LOG)
-    run = threading.Thread(target=Trainer(config).fit)
-    run.start()
-    try:
-        wait_until(lambda: all(answered(p) >= 2 for p in replicas), "the run to reach all three")
-        assert run.is_alive(), "the run ended before a replica could be killed"
-        replicas[0].kill()
-        before = sum(answered(p) for p in replicas[1:])
-    finally:
-        run.join()
-    trained = [record["step"] for record in RunLog(tmp_path / "run").records("train")]
-    assert trained and trained[-1] == steps, trained[-3:]
-    assert sum(answered(p) for p in replicas[1:]) > before, "no step after the kill"
-    assert not [r for r in caplog.records if "teacher unavailable" in r.getMessage()]
 
 
 def test_grpc_targets_name_every_address() -> None:

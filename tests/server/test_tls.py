@@ -15,7 +15,7 @@ import trustme
 from student_worker.config import load_run_config
 from student_worker.runlog import RunLog
 from student_worker.trainer import Trainer
-from teacher_server.client import TeacherClient
+from teacher_server.client import RetryPolicy, TeacherClient
 from teacher_server.client.connections import Unreachable
 from teacher_server.client.tls import ClientTls
 from teacher_server.server.config import load_config
@@ -23,6 +23,9 @@ from teacher_server.server.serve import ServerThread
 from teacher_server.shared.errors import Unauthenticated
 from teacher_server.shared.net import is_loopback
 from tests.helpers import TOKEN, in_process, random_images, running_server, teacher_config
+
+NO_RETRY = RetryPolicy(attempts=0)
+"""For the calls that must fail: a refused handshake is not retried for seconds."""
 
 TOL = 1e-4
 
@@ -102,7 +105,10 @@ def test_a_grpc_target_over_tls(
         assert (served - expected).abs().max().item() < TOL, url
     with (
         TeacherClient.connect(
-            f"grpcs+dns:///localhost:{port}", token=TOKEN, tls=ClientTls(ca=pki.other_ca)
+            f"grpcs+dns:///localhost:{port}",
+            token=TOKEN,
+            tls=ClientTls(ca=pki.other_ca),
+            retry=NO_RETRY,
         ) as client,
         pytest.raises(Unreachable),
     ):
@@ -124,7 +130,9 @@ def test_a_client_refuses_a_server_it_cannot_verify(tls_server: ServerThread, pk
     images = random_images(1, 32)
     for url in urls(tls_server):
         with (
-            TeacherClient.connect(url, token=TOKEN, tls=ClientTls(ca=pki.other_ca)) as client,
+            TeacherClient.connect(
+                url, token=TOKEN, tls=ClientTls(ca=pki.other_ca), retry=NO_RETRY
+            ) as client,
             pytest.raises(Unreachable),
         ):
             client.infer(images, model="small")
@@ -133,7 +141,10 @@ def test_a_client_refuses_a_server_it_cannot_verify(tls_server: ServerThread, pk
 def test_clear_text_to_a_tls_port_gets_no_answer(tls_server: ServerThread) -> None:
     for url in urls(tls_server):
         clear = url.replace("https://", "http://").replace("grpcs://", "grpc://")
-        with TeacherClient.connect(clear, token=TOKEN) as client, pytest.raises(Unreachable):
+        with (
+            TeacherClient.connect(clear, token=TOKEN, retry=NO_RETRY) as client,
+            pytest.raises(Unreachable),
+        ):
             client.infer(random_images(1, 32), model="small")
 
 
@@ -151,7 +162,7 @@ def test_mutual_tls_needs_a_client_certificate(mtls_server: ServerThread, pki: P
     mutual = ClientTls(ca=pki.ca, cert=pki.client_cert, key=pki.client_key)
     for url in urls(mtls_server):
         with (
-            TeacherClient.connect(url, tls=ClientTls(ca=pki.ca)) as client,
+            TeacherClient.connect(url, tls=ClientTls(ca=pki.ca), retry=NO_RETRY) as client,
             pytest.raises(Unreachable),
         ):
             client.infer(images, model="small")

@@ -140,7 +140,7 @@ def start_sweep(root: Path, name: str, grid: dict[str, list[Any]], target: str) 
     with open(root / f"{name}.log", "wb") as log:
         return subprocess.Popen(
             [str(BIN / "kdserve-sweep"), str(path), "--teacher", target],
-            env=ENV,
+            env={**ENV, "GRPC_DNS_RESOLVER": "ares"},  # the one that takes a DNS server's address
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -234,6 +234,8 @@ def test_students_ride_out_a_replica_killed_and_one_added(
         trained.append(steps[-1])
         log = (run / RUN_LOG).read_text()
         assert "teacher unavailable" not in log, f"{run.name} waited for the teacher:\n{log}"
+        # the sweep exits 143 on SIGTERM whatever its runs did: each must have been running
+        assert f"stopped by SIGTERM at step {steps[-1]}" in log, f"{run.name} ended early:\n{log}"
         waits += [record["teacher_ms"] for record in RunLog(run).records("train")]
     print(
         f"\n8 students, {min(trained)} to {max(trained)} steps each, replicas' connection age "

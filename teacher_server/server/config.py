@@ -64,8 +64,8 @@ class ServerConfig(_Strict):
     body_timeout_s: float = Field(30.0, gt=0)
     max_connections: int = Field(1024, ge=1)
     grpc_max_connection_age_s: float = Field(60.0, ge=0)
-    """A gRPC connection older than this is sent GOAWAY (after the requests on it finish), so
-    clients resolve a `dns:///` name again and find replicas added since (0: never)."""
+    """A gRPC connection older than this is sent GOAWAY and closes when its requests finish,
+    so clients resolve a `dns:///` name again and find replicas added since (0: never)."""
     shutdown_grace_s: float = Field(10.0, ge=0)
     heap_trim_mib: int = Field(32, ge=0)
     auth_token: SecretStr | None = None

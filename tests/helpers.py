@@ -266,6 +266,7 @@ def wait_until(
     what: str,
     *watched: subprocess.Popen[bytes],
     timeout_s: float = 120,
+    interval_s: float = 0.02,
 ) -> None:
     """Poll `condition()` until it is true; fail if a watched process exits first."""
     deadline = time.monotonic() + timeout_s
@@ -273,7 +274,7 @@ def wait_until(
         for process in watched:
             assert process.poll() is None, f"exited {process.returncode} before {what}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
+        time.sleep(interval_s)
 
 
 class TeacherProcess:

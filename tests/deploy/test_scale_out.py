@@ -33,7 +33,7 @@ from student_worker.checkpoint import load_checkpoint
 from student_worker.runlog import RunLog
 from student_worker.sweep import RUN_LOG
 from tests.deploy.dns import DnsServer
-from tests.helpers import BIN, ENV, TeacherProcess, teacher_config
+from tests.helpers import BIN, ENV, TeacherProcess, teacher_config, wait_until
 
 NAME = "kdserve-teacher-grpc.kdserve.svc.cluster.test"
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4")
@@ -146,15 +146,10 @@ def start_sweep(root: Path, name: str, grid: dict[str, list[Any]], target: str) 
         )
 
 
-def poll(condition: Any, what: str, sweeps: list[Any], timeout_s: float = 180) -> None:
-    """`wait_until`, asking four times a second: each look asks every replica for its stats,
-    which must not load the replicas it measures."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        for sweep in sweeps:
-            assert sweep.poll() is None, f"a sweep exited {sweep.returncode} before {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.25)
+def poll(condition: Any, what: str, sweeps: list[Any]) -> None:
+    """`wait_until` on the sweeps, four looks a second: each look asks every replica for its
+    stats, which must not load the replicas it measures."""
+    wait_until(condition, what, *sweeps, timeout_s=180, interval_s=0.25)
 
 
 def run_dirs(root: Path) -> list[Path]:

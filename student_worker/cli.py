@@ -12,8 +12,13 @@ from typing import get_args
 from student_worker import __version__, losses, report
 from student_worker.checkpoint import LATEST, CheckpointError, load_checkpoint
 from student_worker.config import TeachingMode, load_run_config
+from student_worker.teacher import TeacherUnreachable
 from student_worker.trainer import Trainer, TrainingError
 from teacher_server.shared.settings import ConfigError
+
+EXIT_TEACHER_UNREACHABLE = 69
+"""sysexits' EX_UNAVAILABLE: no teacher answered within teacher.startup_wait_s. Unlike 2 (a
+config, data or teacher mismatch), running the same command later may succeed."""
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -28,6 +33,13 @@ def train_parser() -> argparse.ArgumentParser:
         "--teacher", action="append", help="teacher endpoint(s), e.g. grpc://host:50051"
     )
     parser.add_argument("--teacher-model", help="the served model or ensemble to learn from")
+    parser.add_argument(
+        "--teacher-wait",
+        type=float,
+        metavar="SECONDS",
+        help="at start-up, wait this long for an unreachable or loading teacher, then exit "
+        f"{EXIT_TEACHER_UNREACHABLE} (teacher.startup_wait_s, default 60)",
+    )
     parser.add_argument(
         "--allow-insecure-token",
         action="store_const",
@@ -109,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {
         "teacher.endpoints": args.teacher,
         "teacher.model": args.teacher_model,
+        "teacher.startup_wait_s": args.teacher_wait,
         "teacher.allow_insecure_token": args.allow_insecure_token,
         "loss.name": args.loss,
         "teaching.mode": args.teaching,
@@ -129,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         resume = args.resume or (args.auto_resume and (config.output_dir / LATEST).is_file())
         trainer = Trainer(config, resume=resume)
         metrics = trainer.fit()
+    except TeacherUnreachable as exc:
+        print(f"kdserve-student: {exc}", file=sys.stderr)
+        return EXIT_TEACHER_UNREACHABLE
     except (ConfigError, TrainingError, CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"kdserve-student: {exc}", file=sys.stderr)
         return 2

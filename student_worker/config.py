@@ -219,6 +219,7 @@ class TeacherSettings(_Strict):
     token: SecretStr | None = None
     prefetch: int = Field(3, ge=0)
     timeout_s: float = Field(60.0, gt=0.0)
+    startup_wait_s: float = Field(60.0, ge=0.0)
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None

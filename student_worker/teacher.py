@@ -1,9 +1,12 @@
 """The student's teacher: a served model (or ensemble) checked against the data, asked per step.
 
 Each step's view goes to the teacher once and comes back as raw logits (temperature 1; each
-loss applies its own). At start-up a wrong endpoint or model fails the run after the client's
-usual retries; from then on the client waits out a teacher that is restarting, unreachable or
-overloaded (`RetryPolicy.patient()`): training pauses with a log line and no batch is skipped.
+loss applies its own). At start-up the student waits up to `teacher.startup_wait_s` for a
+teacher that is unreachable or still loading (a pod scheduled before the teacher's), then
+fails with TeacherUnreachable; a teacher that answers but does not serve the model, or serves
+other classes, fails the run at once (NoTeacher). From then on the client waits out a teacher
+that is restarting, unreachable or overloaded (`RetryPolicy.patient()`): training pauses with
+a log line and no batch is skipped.
 """
 
 from __future__ import annotations
@@ -16,12 +19,17 @@ import torch
 
 from student_worker.config import TeacherSettings
 from teacher_server.client import RetryPolicy, TeacherClient
+from teacher_server.client.retry import RETRYABLE
 from teacher_server.shared.contract import Mix, ModelInfo
 from teacher_server.shared.errors import TeacherError
 
 
 class NoTeacher(ValueError):
-    """The run has no usable teacher: unreachable, not served there, or other classes."""
+    """The run has no usable teacher: not served there, other classes, or unreachable."""
+
+
+class TeacherUnreachable(NoTeacher):
+    """No teacher answered within `teacher.startup_wait_s`: trying again later may work."""
 
 
 class Teacher(Protocol):
@@ -68,6 +76,7 @@ def connect_teacher(
         tls=settings.tls(),
         allow_insecure_token=settings.allow_insecure_token,
         client_id=run_id,
+        retry=_startup_retry(settings.startup_wait_s),
     )
     try:
         info = _served_teacher(client, settings, num_classes=num_classes, data_name=data_name)
@@ -78,13 +87,27 @@ def connect_teacher(
     return TeacherRequests(client, info.name, run_id=run_id), info.input_size
 
 
+def _startup_retry(wait_s: float) -> RetryPolicy:
+    """Retry an unreachable or loading teacher for `wait_s` in all (0: one try)."""
+    if wait_s == 0:
+        return RetryPolicy(attempts=0)
+    return RetryPolicy(attempts=None, max_backoff_s=2.0, patience_s=wait_s)
+
+
 def _served_teacher(
     client: TeacherClient, settings: TeacherSettings, *, num_classes: int, data_name: str
 ) -> ModelInfo:
+    wait_s = settings.startup_wait_s
+    try_s = min(settings.timeout_s, wait_s) if wait_s else settings.timeout_s
     try:
-        served = {m.name: m for m in client.list_models()}
+        served = {m.name: m for m in client.list_models(try_s)}
     except TeacherError as error:
-        raise NoTeacher(f"cannot ask {settings.endpoints} for their models: {error}") from error
+        message = f"cannot ask {settings.endpoints} for their models: {error}"
+        if isinstance(error, RETRYABLE):
+            raise TeacherUnreachable(
+                f"{message} (waited teacher.startup_wait_s = {wait_s:g} s)"
+            ) from error
+        raise NoTeacher(message) from error
     name = settings.model or (next(iter(served)) if len(served) == 1 else None)
     if name not in served:
         raise NoTeacher(

@@ -47,7 +47,13 @@ from student_worker.models import TwoHeads, has_two_heads, init_from_weights
 from student_worker.optim import build_optimizer, lr_factor
 from student_worker.prefetch import Prefetcher
 from student_worker.runlog import RunLog
-from student_worker.teacher import NoTeacher, Teacher, TeacherRequests, connect_teacher
+from student_worker.teacher import (
+    NoTeacher,
+    Teacher,
+    TeacherRequests,
+    TeacherUnreachable,
+    connect_teacher,
+)
 from student_worker.teaching import FixedCacheMismatch, FixedTargets, fixed_targets
 from student_worker.views import StepBatches, model_noise_seed
 from teacher_server.shared.archs import NoStochasticDepth, create_model
@@ -145,6 +151,8 @@ class Trainer:
                     data_name=self.info.name,
                     run_name=f"{config.output_dir.name}-{self.world.rank}",
                 )
+            except TeacherUnreachable:
+                raise  # not a TrainingError: the CLI's exit code tells it apart
             except NoTeacher as exc:
                 raise TrainingError(str(exc)) from None
             self.teacher = self._connection

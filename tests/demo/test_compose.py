@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from student_worker.runlog import RunLog
+from tests.demo.conftest import TEACHER_EPOCHS, copy_teacher
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -225,17 +226,20 @@ def local_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
 
 @pytest.mark.slow
 def test_the_cluster_commands_train_two_students_against_one_teacher(
-    local_cluster: LocalCluster,
+    local_cluster: LocalCluster, quick_teacher: Path
 ) -> None:
     cluster = local_cluster
+    # the init command with the quick fixture's settings finds its teacher trained
+    copy_teacher(quick_teacher, cluster.volumes["weights"])
     init = subprocess.run(
-        cluster.argv("teacher-weights", "--teacher-epochs", "1"),
+        cluster.argv("teacher-weights", "--teacher-epochs", TEACHER_EPOCHS),
         env=cluster.env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert init.returncode == 0, init.stderr[-3000:]
+    assert "teacher: cached weights" in init.stdout
     assert (cluster.volumes["weights"] / "teacher" / "teacher.yaml").is_file()
     teacher = subprocess.Popen(
         cluster.argv("teacher"), env=cluster.env, stderr=subprocess.PIPE, text=True

@@ -18,12 +18,13 @@ from student_worker.checkpoint import load_checkpoint
 from student_worker.data import build_datasets
 from student_worker.demo import recipes
 from student_worker.runlog import RunLog
+from tests.demo.conftest import TEACHER_EPOCHS, copy_teacher
 
 pytestmark = pytest.mark.slow
 
 DEMO = str(Path(sys.executable).with_name("kdserve-demo"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-QUICK = ["--steps", "6", "--eval-every", "3", "--teacher-epochs", "1"]
+QUICK = ["--steps", "6", "--eval-every", "3", "--teacher-epochs", TEACHER_EPOCHS]
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -62,9 +63,11 @@ def assert_all_stopped(run_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def demo_run(
-    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path_factory: pytest.TempPathFactory, quick_teacher: Path
 ) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """The demo with QUICK settings, its teacher (trained by `kdserve-demo teacher`) cached."""
     run_dir = tmp_path_factory.mktemp("demo") / "run"
+    copy_teacher(quick_teacher, run_dir)
     result = subprocess.run(
         [DEMO, "--run-dir", str(run_dir), *QUICK],
         env=ENV,

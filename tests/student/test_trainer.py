@@ -24,6 +24,7 @@ from student_worker.config import load_run_config
 from student_worker.losses import Hyperparameters, Recipe
 from student_worker.objective import ObjectiveWeights
 from student_worker.runlog import RunLog
+from student_worker.teacher import TeacherUnreachable
 from student_worker.trainer import Trainer, TrainingError
 from teacher_server.client import TeacherClient
 from teacher_server.server.serve import ServerThread
@@ -116,12 +117,17 @@ def test_bad_settings_are_clear_errors(
 ) -> None:
     with pytest.raises(TrainingError, match=r"'ghost' is not served .*available: \['pair_logits'"):
         Trainer(run_config(server, tmp_path / "a", **{"teacher.model": "ghost"}))
-    with refusing_port() as port, pytest.raises(TrainingError, match="for their models"):
+    with refusing_port() as port, pytest.raises(TeacherUnreachable, match="for their models"):
+        started = time.monotonic()
         Trainer(
             run_config(
-                server, tmp_path / "e", **{"teacher.endpoints": [f"grpc://127.0.0.1:{port}"]}
+                server,
+                tmp_path / "e",
+                **{"teacher.endpoints": [f"grpc://127.0.0.1:{port}"], "teacher.startup_wait_s": 1},
             )
         )
+    # retried for most of the second (it gives up when the next backoff would not fit), no longer
+    assert 0.25 <= time.monotonic() - started < 10
     five = {
         "server": {"http_port": 0, "grpc_port": 0},
         "models": [
@@ -162,6 +168,52 @@ def student_command(teacher_url: str, out: Path, *extra: str) -> list[str]:
         str(out),
         *extra,
     ]
+
+
+def test_a_student_started_before_its_teacher_waits_for_it(
+    server: ServerThread, teachers: dict[str, Any], tmp_path: Path
+) -> None:
+    """A student pod scheduled before the teacher's: it waits (teacher.startup_wait_s) and
+    trains once the teacher listens; with no teacher at all the CLI exits 69, not 2."""
+    with refusing_port() as port:
+        pass  # free again: the late teacher listens on it
+    config = teacher_config(teachers, grpc_port=port)
+    late: dict[str, Any] = {}
+    started = threading.Event()
+
+    def teacher_after_a_while() -> None:
+        time.sleep(1.5)
+        with running_server(config) as late["server"]:
+            started.set()
+            late["stop"].wait(60)
+
+    late["stop"] = threading.Event()
+    thread = threading.Thread(target=teacher_after_a_while, daemon=True)
+    thread.start()
+    try:
+        endpoints = [f"grpc://127.0.0.1:{port}"]
+        overrides = {"teacher.endpoints": endpoints, "max_steps": 2}
+        trainer = Trainer(run_config(server, tmp_path / "late", **overrides))
+        assert started.is_set(), "the student was built before its teacher listened"
+        assert model_stats(late["server"])["small"]["requests"].get("ok", 0) == 0
+        trainer.fit()
+        assert model_stats(late["server"])["small"]["requests"]["ok"] > 0
+    finally:
+        late["stop"].set()
+        thread.join(60)
+    with refusing_port() as port:
+        gone = kdserve_student(
+            "--loss",
+            "kd",
+            "--teacher",
+            f"grpc://127.0.0.1:{port}",
+            "--teacher-wait",
+            "0.5",
+            "--output-dir",
+            str(tmp_path / "gone"),
+        )
+    assert gone.returncode == 69, gone.stderr
+    assert "startup_wait_s = 0.5 s" in gone.stderr
 
 
 def kdserve_student(*arguments: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:

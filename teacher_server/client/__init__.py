@@ -1,8 +1,8 @@
 """The client students use: `TeacherClient.connect("grpc://host:50051", model=..., token=...)`.
 
 `teacher_client` (the calls, endpoints and failover), `retry` (the one retry policy),
-`chunking` (batches over the message limit, answers checked), `endpoints` (what an endpoint
-string names, gRPC targets of replicas included), `connections` (HTTP and gRPC),
+`chunking` (batches over the message limit, answers checked), `connections` (HTTP and gRPC;
+what an endpoint string names is `teacher_server.shared.endpoints`),
 `tls` (`ClientTls`: https:// and grpcs://, mutual TLS; no token in clear text off loopback).
 """
 

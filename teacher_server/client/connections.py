@@ -20,10 +20,10 @@ from urllib.parse import urlsplit
 
 import grpc
 
-from teacher_server.client.endpoints import Endpoint
 from teacher_server.client.tls import ClientTls, check_endpoint
 from teacher_server.shared import wire
 from teacher_server.shared.contract import InferRequest, InferResult, ModelList
+from teacher_server.shared.endpoints import Endpoint
 from teacher_server.shared.errors import DeadlineExceeded, NotReady, TeacherError, error_from_answer
 
 GRPC_MESSAGE_LIMIT = 1024 * 1024 * 1024

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 
-from teacher_server.client.endpoints import Endpoint, parse_endpoint
+from teacher_server.shared.endpoints import Endpoint, parse_endpoint
 from teacher_server.shared.net import is_loopback
 
 

@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from teacher_server.shared.endpoints import SECURE_TARGET, TARGET_SCHEMES, parse_endpoint
 from teacher_server.shared.settings import (
     AUTH_TOKEN_ENV,
     ConfigError,
@@ -227,8 +228,11 @@ class RemoteMember:
 
 
 def remote_member(member: str) -> RemoteMember | None:
-    """The remote member a member string names (`scheme://host:port/model`), None for a local
-    model's name; ValueError for a URL that does not name one model on one server."""
+    """The remote member a member string names (`scheme://host:port/model`, or a gRPC target
+    of replicas and its model: `dns:///host:port/model`), None for a local model's name;
+    ValueError for a string that does not name one model on one server or target."""
+    if member.removeprefix(SECURE_TARGET).split(":", 1)[0] in TARGET_SCHEMES:
+        return _balanced_member(member)
     if "://" not in member:
         return None
     try:
@@ -253,6 +257,21 @@ def remote_member(member: str) -> RemoteMember | None:
     if not re.fullmatch(NAME_PATTERN, model):
         raise ValueError(f"remote member {member!r} must end with /model, one model's name")
     return RemoteMember(member, f"{parts.scheme}://{parts.netloc}", model)
+
+
+def _balanced_member(member: str) -> RemoteMember:
+    """A member behind a gRPC target (round robin over its replicas): `target/model`."""
+    target, _, model = member.rpartition("/")
+    if not re.fullmatch(NAME_PATTERN, model):
+        raise ValueError(
+            f"remote member {member!r} must end with /model, one model's name "
+            "(a gRPC target's member is e.g. dns:///host:port/model)"
+        )
+    try:
+        parse_endpoint(target)
+    except ValueError as exc:
+        raise ValueError(f"remote member {member!r}: {exc}") from None
+    return RemoteMember(member, target, model)
 
 
 class RemoteConfig(_Strict):
@@ -286,7 +305,8 @@ class EnsembleConfig(_Strict):
 
     name: str = Field(min_length=1, pattern=NAME_PATTERN)
     members: list[str] = Field(min_length=1)
-    """Local models' names, or remote members: `grpc://host:port/model` (grpcs, http, https)."""
+    """Local models' names, or remote members: `grpc://host:port/model` (grpcs, http, https),
+    or a gRPC target of a member's replicas and the model: `dns:///host:port/model`."""
     weights: list[float] | None = None
     combine: Literal["mean_logits", "mean_probs"] = "mean_logits"
     quorum: int | None = Field(None, ge=1)

@@ -22,6 +22,8 @@ GRPC_READ_FACTOR = 2
 """grpcio reads messages up to this many times max_request_bytes, so that our own limit
 answers the ones in between; a larger message is refused by grpcio itself (RESOURCE_EXHAUSTED
 without our error name, which the client reads as the same RequestTooLarge)."""
+HEALTH_SERVICES = ("", wire.GRPC_SERVICE, oip.GRPC_SERVICE)
+"""The gRPC health services it reports: the overall server, the Teacher, the v2 inference."""
 HealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]
 if TYPE_CHECKING:
     Context = grpc.aio.ServicerContext[bytes, bytes]
@@ -114,5 +116,5 @@ async def set_serving(health_servicer: Any, serving: bool) -> None:
         if serving
         else health_pb2.HealthCheckResponse.NOT_SERVING
     )
-    for service in ("", wire.GRPC_SERVICE, oip.GRPC_SERVICE):
+    for service in HEALTH_SERVICES:
         await health_servicer.set(service, status)

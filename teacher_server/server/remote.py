@@ -22,10 +22,10 @@ import torch
 
 from teacher_server.client import ClientTls, RetryPolicy, TeacherClient
 from teacher_server.client.connections import TimedOut
-from teacher_server.client.endpoints import parse_endpoint
 from teacher_server.server.config import RemoteConfig, RemoteMember
 from teacher_server.server.registry import MemberAnswer
 from teacher_server.shared.contract import Mix, ModelInfo
+from teacher_server.shared.endpoints import parse_endpoint
 from teacher_server.shared.errors import (
     InvalidRequest,
     ModelFailure,

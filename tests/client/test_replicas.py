@@ -15,9 +15,9 @@ import torch
 
 from student_worker.config import load_run_config
 from teacher_server.client import RetryPolicy, TeacherClient
-from teacher_server.client.endpoints import parse_endpoint
 from teacher_server.server.config import load_config
 from teacher_server.server.serve import ServerThread
+from teacher_server.shared.endpoints import parse_endpoint
 from tests.archives import save_slow
 from tests.helpers import (
     SLOW_BATCH,

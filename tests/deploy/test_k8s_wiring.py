@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
-from teacher_server.server.config import ServerConfig
+from student_worker.cli import EXIT_TEACHER_UNREACHABLE
+from teacher_server.server.config import REMOTE_TOKEN_ENV, ServerConfig
+from teacher_server.server.grpc_api import HEALTH_SERVICES
 from teacher_server.server.serve import CLOSE_ANSWER_S
 from teacher_server.shared.settings import AUTH_TOKEN_ENV
 from tests.deploy.k8s import overlays, render
@@ -210,6 +212,8 @@ def test_probes_and_ports_are_those_the_server_listens_on(cluster: Cluster) -> N
                 continue
             if "grpc" in probe:
                 assert probe["grpc"]["port"] == listening["grpc"], (teacher.name, kind)
+                service = probe["grpc"].get("service", "")
+                assert service in HEALTH_SERVICES, (teacher.name, kind, service)
             else:
                 port = container_port(teacher, probe["httpGet"]["port"])
                 assert port == listening["http"], (teacher.name, kind)
@@ -228,7 +232,7 @@ def test_the_token_comes_from_the_secret_the_readme_creates(cluster: Cluster) ->
             cluster.server_config(container) if container in cluster.teachers() else ({}, {})
         )
         if any(ensemble.get("members") for ensemble in config.get("ensembles", [])):
-            wanted.append("KDSERVE_REMOTE_TOKEN")
+            wanted.append(REMOTE_TOKEN_ENV)
         for variable in wanted:
             source = container.env().get(variable, {}).get("valueFrom", {}).get("secretKeyRef")
             assert source == {"name": name, "key": key}, (container.name, variable)
@@ -270,7 +274,9 @@ def test_termination_grace_outlasts_the_drain(cluster: Cluster) -> None:
             or ServerConfig().shutdown_grace_s
         )
         pre_stop = teacher.spec.get("lifecycle", {}).get("preStop", {}).get("sleep", {})
-        needed = float(pre_stop.get("seconds", 0)) + grace + CLOSE_ANSWER_S
+        # the drain's grace, then up to CLOSE_ANSWER_S for the last answers to go out and as
+        # long again for the transports to close (serve.TeacherServer.stop)
+        needed = float(pre_stop.get("seconds", 0)) + grace + 2 * CLOSE_ANSWER_S
         period = float(teacher.pod["spec"]["terminationGracePeriodSeconds"])
         assert period > needed, f"{teacher.name}: {period} s to stop, the drain needs {needed}"
 
@@ -291,6 +297,77 @@ def test_students_recipes_exist_and_their_teacher_serves_their_model(cluster: Cl
             ), student.name
             mounts = {m["mountPath"] for m in student.spec["volumeMounts"]}
             assert "/checkpoints" in mounts and "/data" in mounts, student.name
+
+
+def startup_budget_s(teacher: Container) -> float:
+    """How long the kubelet lets the teacher start before it restarts it."""
+    probe = teacher.spec.get("startupProbe") or teacher.spec["readinessProbe"]
+    period, failures = probe.get("periodSeconds", 10), probe.get("failureThreshold", 3)
+    return float(probe.get("initialDelaySeconds", 0) + period * failures)
+
+
+def test_students_wait_for_a_teacher_that_is_still_starting(cluster: Cluster) -> None:
+    """A student scheduled before its teacher waits as long as the teacher may take to start;
+    only then it exits EXIT_TEACHER_UNREACHABLE, which a Job retries, unlike exit 2."""
+    for student in cluster.students():
+        for argv in student.commands():
+            address = ADDRESS.match(flag(argv, "--teacher"))
+            assert address is not None
+            behind = cluster.pods_behind(cluster.get("Service", address["host"]))
+            needed = max(startup_budget_s(t) for t in behind)
+            assert float(flag(argv, "--teacher-wait")) >= needed, (student.name, needed)
+        policy = student.owner["spec"].get("podFailurePolicy", {"rules": []})
+        for rule in policy["rules"]:
+            if rule["action"] in ("FailIndex", "FailJob") and "onExitCodes" in rule:
+                codes = rule["onExitCodes"]
+                assert codes["operator"] == "In", rule
+                assert EXIT_TEACHER_UNREACHABLE not in codes["values"], student.name
+
+
+def test_each_teacher_pod_is_scraped_once(cluster: Cluster) -> None:
+    """Every teacher pod's /metrics is one scrape target: each ServiceMonitor selects its
+    own teachers' Service (an ensemble member's label narrows its monitor too). The KServe
+    overlay has no monitor: KServe owns its Services (README)."""
+    targets: list[tuple[str, str, str]] = []
+    for monitor in cluster.of("ServiceMonitor"):
+        selector = monitor["spec"]["selector"]["matchLabels"].items()
+        for service in cluster.of("Service"):
+            if not selector <= service["metadata"].get("labels", {}).items():
+                continue
+            names = {p.get("name") for p in service["spec"]["ports"]}
+            for endpoint in monitor["spec"]["endpoints"]:
+                if endpoint["port"] in names:
+                    targets += [
+                        (pod.name, endpoint["port"], endpoint.get("path", "/metrics"))
+                        for pod in cluster.pods_behind(service)
+                    ]
+    scraped = {target for target in targets}
+    assert len(targets) == len(scraped), sorted(t for t in scraped if targets.count(t) > 1)
+    if cluster.of("ServiceMonitor"):
+        assert {name for name, _, _ in scraped} == {t.name for t in cluster.teachers()}
+
+
+def test_every_container_runs_the_image_one_file_names(cluster: Cluster) -> None:
+    """components/image is the one place to point at a registry: teachers' and students'
+    containers all run what it names (the README's one edit reaches every overlay)."""
+    component = yaml.safe_load(
+        (ROOT / "deploy/k8s/components/image/kustomization.yaml").read_text()
+    )
+    (image,) = component["images"]
+    wanted = f"{image['newName']}:{image['newTag']}"
+    for container in cluster.containers():
+        assert container.spec["image"] == wanted, container.name
+
+
+def test_every_volume_can_be_filled(cluster: Cluster) -> None:
+    """A claim provisioned empty must be writable by something: ReadOnlyMany only for a
+    claim bound to an existing volume or made from a data source."""
+    for claim in cluster.of("PersistentVolumeClaim"):
+        spec = claim["spec"]
+        if spec["accessModes"] == ["ReadOnlyMany"]:
+            assert spec.get("volumeName") or spec.get("dataSource") or spec.get("dataSourceRef"), (
+                f"{claim['metadata']['name']} is ReadOnlyMany and provisioned empty"
+            )
 
 
 def test_autoscaler_budget_and_monitor_select_the_teachers(cluster: Cluster) -> None:
@@ -358,6 +435,12 @@ TYPOS = {
         lambda o: _student_script(o, "kdserve-teacher-grpc:", "kdserve-teachers-grpc:"),
         test_every_teacher_address_names_a_service_port_and_a_teacher_behind_it,
     ),
+    "probe service": (
+        lambda o: _teacher_pod(o)["containers"][0]["readinessProbe"]["grpc"].update(
+            service="kdserve.Teacher"
+        ),
+        test_probes_and_ports_are_those_the_server_listens_on,
+    ),
     "probe port": (
         lambda o: _teacher_pod(o)["containers"][0]["readinessProbe"]["grpc"].update(port=50050),
         test_probes_and_ports_are_those_the_server_listens_on,
@@ -379,6 +462,22 @@ TYPOS = {
     "recipe": (
         lambda o: _student_script(o, "set -- kd dkd dist", "set -- kd dkd dsit"),
         test_students_recipes_exist_and_their_teacher_serves_their_model,
+    ),
+    "short teacher wait": (
+        lambda o: _student_script(o, "--teacher-wait 600", "--teacher-wait 60"),
+        test_students_wait_for_a_teacher_that_is_still_starting,
+    ),
+    "unreachable fails the index": (
+        lambda o: next(x for x in o if x["kind"] == "Job")["spec"]["podFailurePolicy"]["rules"][1][
+            "onExitCodes"
+        ].update(values=[2, 69]),
+        test_students_wait_for_a_teacher_that_is_still_starting,
+    ),
+    "image": (
+        lambda o: next(x for x in o if x["kind"] == "Job")["spec"]["template"]["spec"][
+            "containers"
+        ][0].update(image="kdserve"),
+        test_every_container_runs_the_image_one_file_names,
     ),
     "metric": (
         lambda o: next(x for x in o if x["kind"] == "HorizontalPodAutoscaler")["spec"]["metrics"][

@@ -157,6 +157,7 @@ def run_dirs(root: Path) -> list[Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(480)  # its waits add up past the default 300 s only when it fails
 def test_students_ride_out_a_replica_killed_and_one_added(
     cluster: dict[str, Any], tmp_path: Path
 ) -> None:

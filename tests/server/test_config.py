@@ -161,6 +161,9 @@ def test_pass_sizes_are_sorted_and_checked_against_the_largest_pass(tmp_path: Pa
         (["t", "http://host:1/t?x=1"], "no user, query or fragment"),
         (["t", "grpc://host:1/t", "grpc://host:1/t"], "listed more than once"),
         (["t", "ghost"], "a remote member is scheme://host:port/model"),
+        (["t", "dns:///host:1"], "must end with /model"),
+        (["t", "dns:///host/t"], "'host' needs a host and a port"),
+        (["t", "ipv4:host:1/t"], "is not an ipv4 address:port"),
     ],
 )
 def test_bad_remote_members_are_named(tmp_path: Path, members: list[str], expected: str) -> None:
@@ -184,6 +187,9 @@ def test_remote_members_quorum_and_token(tmp_path: Path) -> None:
         "grpcs://teacher-b.example:50051",
         "vit",
     )
+    replicas = "grpcs+dns:///teacher-b.example:50051/vit"
+    (balanced,) = EnsembleConfig(name="b", members=[replicas]).remote_members
+    assert (balanced.endpoint, balanced.model) == ("grpcs+dns:///teacher-b.example:50051", "vit")
     token = config.remote.token
     assert token is not None and token.get_secret_value() == "from-env"
     assert "from-env" not in repr(config)

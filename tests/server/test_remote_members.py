@@ -9,6 +9,7 @@ says which; killing a member mid-run and starting it again is survived.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,7 @@ from tests.helpers import (
     TeacherProcess,
     grpc_call,
     in_process,
+    model_stats,
     occupy_slow_model,
     post,
     random_images,
@@ -185,6 +187,43 @@ def test_an_ensemble_of_remote_members_only(teachers: dict[str, Any], member: Se
         reply = client.request(images, model="far")
     assert reply.logits is not None and reply.parts[0].members == tuple(members)
     assert (reply.logits - expected).abs().max().item() < TOL
+
+
+def test_a_member_behind_a_grpc_target_of_replicas_is_spread_and_fails_over(
+    teachers: dict[str, Any], member: ServerThread
+) -> None:
+    """`ipv4:A,B/wide`: one member served by two replicas. The front's requests reach both
+    (round robin), each answer is the in-process one, and with one replica stopped the other
+    answers everything."""
+    replica_config = teacher_config(teachers, auth_token=TOKEN)
+    replica_config["ensembles"] = []
+    images = random_images(4, 40, seed=9)
+    expected = in_process(teachers["wide"], images)
+    with contextlib.ExitStack() as stack:
+        replica_running = stack.enter_context(contextlib.ExitStack())
+        replica = replica_running.enter_context(running_server(replica_config))
+        servers = (member, replica)
+        ports = [s.endpoints.grpc_port for s in servers]
+        ensemble = {
+            "name": "far",
+            "members": [f"ipv4:127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}/wide"],
+        }
+        config = {**teacher_config(teachers), "models": [], "ensembles": [ensemble]}
+        config["remote"] = {"token": TOKEN}
+        front = stack.enter_context(running_server(config))
+        client = stack.enter_context(TeacherClient.connect(front.endpoints.grpc_url))
+        before = [model_stats(s)["wide"]["requests"].get("ok", 0) for s in servers]
+        for _ in range(8):
+            assert (client.infer(images, model="far") - expected).abs().max().item() < TOL
+        served = [
+            model_stats(s)["wide"]["requests"].get("ok", 0) - b
+            for s, b in zip(servers, before, strict=True)
+        ]
+        assert all(n > 0 for n in served) and sum(served) == 8, served
+        replica_running.close()  # the replica drains and stops; the member's other one is left
+        for _ in range(4):
+            assert (client.infer(images, model="far") - expected).abs().max().item() < TOL
+    assert model_stats(member)["wide"]["requests"]["ok"] - before[0] == served[0] + 4
 
 
 def test_a_slow_member_is_unavailable_by_name(

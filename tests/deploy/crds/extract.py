@@ -160,6 +160,12 @@ def extract(source: dict[str, str], git_dir: str) -> tuple[str, dict[str, Any]]:
 
 
 def main(arguments: list[str]) -> None:
+    if any(a in ("-h", "--help") for a in arguments):
+        print(__doc__)
+        return
+    malformed = [a for a in arguments if "=" not in a]
+    if malformed:
+        sys.exit(f"each argument is REPO=DIR, got {malformed}")
     git_dirs = dict(argument.split("=", 1) for argument in arguments)
     missing = [source["repo"] for source in SOURCES if source["repo"] not in git_dirs]
     if missing:

@@ -28,7 +28,7 @@ demo: setup
 	$(VENV)/bin/kdserve-demo
 
 test: lint
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 lint: setup
 	$(VENV)/bin/ruff check teacher_server student_worker tests bench

@@ -1,5 +1,5 @@
 """The client's connections to one teacher endpoint: HTTP (http.client) or gRPC (grpcio), clear
-or TLS; a gRPC target's one channel balances over its addresses (`endpoints`).
+or TLS; a gRPC target's one channel balances over its addresses (`teacher_server.shared.endpoints`).
 
 Both send an InferRequest and return an InferResult (or the model list), encoded and decoded
 by `wire`; every failure is an exception of the error table, so the client's retries and

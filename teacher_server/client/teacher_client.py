@@ -98,7 +98,7 @@ class TeacherClient:
     def connect(cls, endpoints: str | Sequence[str], **options: Any) -> TeacherClient:
         """`"grpc://host:50051"`, `"https://host:8443"`, or a list (round robin + failover);
         or one gRPC target of replicas, `"dns:///teacher:50051"`, `"ipv4:a:p,b:p"` (grpcio's
-        round robin over the healthy ones; `endpoints`).
+        round robin over the healthy ones; `teacher_server.shared.endpoints`).
 
         `tls=ClientTls(ca=..., cert=..., key=...)` for https:// and grpcs:// endpoints; a token
         is refused over clear text to a non-loopback host unless `allow_insecure_token`.

@@ -217,12 +217,13 @@ class ModelConfig(_Strict):
 
 @dataclass(frozen=True)
 class RemoteMember:
-    """An ensemble member served by another teacher server: `grpc://host:port/model`."""
+    """An ensemble member served by another teacher server: `grpc://host:port/model`, or by
+    the replicas of a gRPC target: `dns:///host:port/model`."""
 
     url: str
     """The member's name in the config, in errors and in /metrics."""
     endpoint: str
-    """`scheme://host:port`, what the client connects to."""
+    """`scheme://host:port` or the gRPC target: what the client connects to."""
     model: str
     """The model's name on that server."""
 
@@ -231,7 +232,8 @@ def remote_member(member: str) -> RemoteMember | None:
     """The remote member a member string names (`scheme://host:port/model`, or a gRPC target
     of replicas and its model: `dns:///host:port/model`), None for a local model's name;
     ValueError for a string that does not name one model on one server or target."""
-    if member.removeprefix(SECURE_TARGET).split(":", 1)[0] in TARGET_SCHEMES:
+    scheme, colon, _ = member.removeprefix(SECURE_TARGET).partition(":")
+    if colon and scheme in TARGET_SCHEMES:
         return _balanced_member(member)
     if "://" not in member:
         return None
@@ -268,9 +270,14 @@ def _balanced_member(member: str) -> RemoteMember:
             "(a gRPC target's member is e.g. dns:///host:port/model)"
         )
     try:
-        parse_endpoint(target)
+        endpoint = parse_endpoint(target)
     except ValueError as exc:
         raise ValueError(f"remote member {member!r}: {exc}") from None
+    if endpoint.secure and len(endpoint.hosts) > 1:
+        raise ValueError(
+            f"remote member {member!r}: TLS to a list of addresses needs the name in their "
+            "certificate, which a remote member cannot give; name them grpcs+dns:///name:port"
+        )
     return RemoteMember(member, target, model)
 
 
@@ -390,7 +397,7 @@ class TeacherConfig(_Strict):
             if unknown:
                 raise ValueError(
                     f"ensemble {ensemble.name!r} names unknown members {unknown}; "
-                    f"models are {sorted(models)} (a remote member is scheme://host:port/model)"
+                    f"models are {sorted(models)} (a remote member is scheme://host:port/model or dns:///host:port/model)"
                 )
             classes = {models[m].num_classes for m in ensemble.local_members}
             if len(classes) > 1:

@@ -1,6 +1,7 @@
 """Ensemble members on other teacher servers, asked through the students' own client.
 
-A remote member is named `grpc://host:port/model` (or grpcs://, http://, https://) in an
+A remote member is named `grpc://host:port/model` (or grpcs://, http://, https://), or
+`dns:///host:port/model` for a gRPC target of its replicas (balanced by the client), in an
 ensemble's members. The front server forwards each request as it came (the view bytes, the
 mix parameters and the client_id, so the member's batches take the students in turn; the
 member mixes and resizes the view for its own model) and asks for raw float32 logits at

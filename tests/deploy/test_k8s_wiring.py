@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from student_worker.cli import EXIT_TEACHER_UNREACHABLE
-from teacher_server.server.config import REMOTE_TOKEN_ENV, ServerConfig
+from teacher_server.server.config import REMOTE_TOKEN_ENV, RemoteConfig, ServerConfig
 from teacher_server.server.grpc_api import HEALTH_SERVICES
 from teacher_server.server.serve import CLOSE_ANSWER_S
 from teacher_server.shared.settings import AUTH_TOKEN_ENV
@@ -31,7 +31,7 @@ IMAGE_SOURCE = "/opt/kdserve/src/"
 TOKEN_SECRET = ("kdserve-token", "token")
 GPU = "nvidia.com/gpu"
 ADDRESS = re.compile(
-    r"^(?:dns:///|grpcs?://|https?://)(?P<host>[a-z0-9.-]+):(?P<port>\d+)(?:/(?P<model>[^/]+))?$"
+    r"^(?:(?:grpcs\+)?dns:///|grpcs?://|https?://)(?P<host>[a-z0-9.-]+):(?P<port>\d+)(?:/(?P<model>[^/]+))?$"
 )
 """A teacher address: a student's endpoint, or a remote member's `.../model`."""
 
@@ -197,7 +197,7 @@ def test_every_teacher_address_names_a_service_port_and_a_teacher_behind_it(
             target = ports[int(match["port"])].get("targetPort", int(match["port"]))
             protocol = "http" if address.startswith("http") else "grpc"
             assert container_port(teacher, target) == cluster.listening(teacher)[protocol]
-        if address.startswith("dns:///"):
+        if "dns:///" in address:
             assert service["spec"].get("clusterIP") == "None", f"{who}: dns:/// needs headless"
         if match["model"]:  # a remote member's model
             assert all(match["model"] in cluster.served_names(t) for t in behind), address
@@ -322,6 +322,17 @@ def test_students_wait_for_a_teacher_that_is_still_starting(cluster: Cluster) ->
                 codes = rule["onExitCodes"]
                 assert codes["operator"] == "In", rule
                 assert EXIT_TEACHER_UNREACHABLE not in codes["values"], student.name
+    for front in cluster.teachers():
+        config, _ = cluster.server_config(front)
+        members = [m for e in config.get("ensembles", []) for m in e["members"]]
+        for member in members:
+            address = ADDRESS.match(member)
+            if address is None:
+                continue  # a local model
+            behind = cluster.pods_behind(cluster.get("Service", address["host"]))
+            remote = config.get("remote") or {}
+            waits = float(remote.get("connect_timeout_s", RemoteConfig().connect_timeout_s))
+            assert waits >= max(startup_budget_s(t) for t in behind), (front.name, member)
 
 
 def test_each_teacher_pod_is_scraped_once(cluster: Cluster) -> None:
@@ -464,7 +475,7 @@ TYPOS = {
         test_students_recipes_exist_and_their_teacher_serves_their_model,
     ),
     "short teacher wait": (
-        lambda o: _student_script(o, "--teacher-wait 600", "--teacher-wait 60"),
+        lambda o: _student_script(o, "--teacher-wait 900", "--teacher-wait 60"),
         test_students_wait_for_a_teacher_that_is_still_starting,
     ),
     "unreachable fails the index": (

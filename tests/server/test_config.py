@@ -164,6 +164,7 @@ def test_pass_sizes_are_sorted_and_checked_against_the_largest_pass(tmp_path: Pa
         (["t", "dns:///host:1"], "must end with /model"),
         (["t", "dns:///host/t"], "'host' needs a host and a port"),
         (["t", "ipv4:host:1/t"], "is not an ipv4 address:port"),
+        (["t", "grpcs+ipv4:10.0.0.1:1,10.0.0.2:1/t"], "name them grpcs+dns:///name:port"),
     ],
 )
 def test_bad_remote_members_are_named(tmp_path: Path, members: list[str], expected: str) -> None:
@@ -190,6 +191,8 @@ def test_remote_members_quorum_and_token(tmp_path: Path) -> None:
     replicas = "grpcs+dns:///teacher-b.example:50051/vit"
     (balanced,) = EnsembleConfig(name="b", members=[replicas]).remote_members
     assert (balanced.endpoint, balanced.model) == ("grpcs+dns:///teacher-b.example:50051", "vit")
+    # a local model may be named like a gRPC name scheme: only "scheme:" makes a target
+    assert EnsembleConfig(name="u", members=["unix", "dns"]).local_members == ["unix", "dns"]
     token = config.remote.token
     assert token is not None and token.get_secret_value() == "from-env"
     assert "from-env" not in repr(config)

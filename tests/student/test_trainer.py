@@ -29,7 +29,7 @@ from student_worker.trainer import Trainer, TrainingError
 from teacher_server.client import TeacherClient
 from teacher_server.server.serve import ServerThread
 from teacher_server.shared.settings import ConfigError
-from tests.helpers import model_stats, refusing_port, running_server, teacher_config
+from tests.helpers import model_stats, refusing_port, running_server, teacher_config, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -179,22 +179,23 @@ def test_a_student_started_before_its_teacher_waits_for_it(
         pass  # free again: the late teacher listens on it
     config = teacher_config(teachers, grpc_port=port)
     late: dict[str, Any] = {}
-    started = threading.Event()
+    delay_s = 1.5
 
     def teacher_after_a_while() -> None:
-        time.sleep(1.5)
+        time.sleep(delay_s)
         with running_server(config) as late["server"]:
-            started.set()
             late["stop"].wait(60)
 
     late["stop"] = threading.Event()
     thread = threading.Thread(target=teacher_after_a_while, daemon=True)
+    endpoints = [f"grpc://127.0.0.1:{port}"]
+    overrides = {"teacher.endpoints": endpoints, "max_steps": 2}
+    started = time.monotonic()
     thread.start()
     try:
-        endpoints = [f"grpc://127.0.0.1:{port}"]
-        overrides = {"teacher.endpoints": endpoints, "max_steps": 2}
         trainer = Trainer(run_config(server, tmp_path / "late", **overrides))
-        assert started.is_set(), "the student was built before its teacher listened"
+        assert time.monotonic() - started >= delay_s, "built before its teacher listened"
+        wait_until(lambda: "server" in late, "the late teacher's ServerThread", timeout_s=30)
         assert model_stats(late["server"])["small"]["requests"].get("ok", 0) == 0
         trainer.fit()
         assert model_stats(late["server"])["small"]["requests"]["ok"] > 0
